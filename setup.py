@@ -1,0 +1,3 @@
+# Kept only for legacy tools that call `setup.py` directly; all metadata lives in pyproject.toml.
+from setuptools import setup
+setup()

@@ -1,0 +1,130 @@
+"The norm registry and the XResNet builders, checked against fastai's own models."
+import pytest, torch
+from torch import nn
+import fastai.vision.models.xresnet as fx
+from fastai.layers import ResBlock
+import bnet_fastai  # applies the fastai patches
+from bnet_fastai.layers import BNET
+from bnet_fastai.norms import make_norm, norm_registry
+from bnet_fastai.models import xresnet as bx
+from bnet_fastai.fastai_patches import _originals
+
+FastaiXResNet = _originals['XResNet']
+n_params = lambda m: sum(p.numel() for p in m.parameters())
+BUILDERS = sorted(bx.arch_registry)
+
+def fastai_xresnet50(**kw): return FastaiXResNet(ResBlock, 4, [3, 4, 6, 3], **kw)
+
+def test_every_fastai_builder_has_a_counterpart():
+    fastai_names = {n for n in fx.__all__ if n.startswith('x') and callable(getattr(fx, n))}
+    assert set(BUILDERS) == fastai_names and len(BUILDERS) == 31
+
+def test_bn_is_fastais_model():
+    torch.manual_seed(3); ours = bx.xresnet50(norm='bn', n_out=10)
+    torch.manual_seed(3); ref = fastai_xresnet50(n_out=10)
+    assert [(k, v.shape) for k, v in ours.named_parameters()] == [(k, v.shape) for k, v in ref.named_parameters()]
+    x = torch.randn(2, 3, 64, 64)
+    ours.eval(); ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+    ours.train(); ref.train()
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+
+@pytest.mark.parametrize('norm,k', [('bnet', 3), ('bnet5', 5), ('bnet7', 7)])
+def test_bnet_param_count(norm, k):
+    ref = fastai_xresnet50(n_out=10)
+    m = bx.xresnet50(norm=norm, n_out=10)
+    assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
+    bns = [o for o in ref.modules() if isinstance(o, nn.BatchNorm2d)]
+    bnets = [o for o in m.modules() if isinstance(o, BNET)]
+    assert len(bns) == len(bnets) and all(o.ks == k for o in bnets)
+    assert n_params(m) == n_params(ref) + sum(o.num_features*k*k + o.num_features - 2*o.num_features for o in bns)
+
+def test_bnet_at_last_is_authors_placement():
+    m = bx.xresnet50(norm='bnet', bnet_at='last')
+    bnets = [o for o in m.modules() if isinstance(o, BNET)]
+    assert len(bnets) == 16
+    assert all(isinstance(b, BNET) for b in bx.residual_last_norms(m))
+    # stem and identity path keep BN
+    assert isinstance(m[0][1], nn.BatchNorm2d)
+
+def _check_zero_init(m, x):
+    outs = []
+    hooks = [n.register_forward_hook(lambda mod, i, o: outs.append(o.detach().abs().max().item()))
+             for n in bx.residual_last_norms(m)]
+    y = m(x)
+    for h in hooks: h.remove()
+    assert outs and max(outs) == 0
+    return y
+
+@pytest.mark.parametrize('name', BUILDERS)
+def test_builder_norm_matrix(name):
+    "Every builder x norm x placement runs forward and backward; residual-last norms output 0 at init."
+    x = torch.randn(2, 3, 64, 64)
+    for norm in ('bn', 'bnet', 'bnet5'):
+        for at in ('all', 'last'):
+            m = bx.arch_registry[name](n_out=7, norm=norm, bnet_at=at)
+            assert isinstance(m, FastaiXResNet)
+            y = _check_zero_init(m, x)
+            assert y.shape == (2, 7)
+            y.sum().backward()
+            grads = [p.grad for p in m.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            n_bnet = sum(isinstance(o, BNET) for o in m.modules())
+            n_last = len(bx.residual_last_norms(m))
+            if norm == 'bn': assert n_bnet == 0
+            elif at == 'last': assert n_bnet == n_last
+            else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
+
+def test_fastai_builders_take_norm_after_import():
+    m = fx.xresnet50(norm='bnet', n_out=10)
+    assert sum(isinstance(o, BNET) for o in m.modules()) == sum(isinstance(o, nn.BatchNorm2d) for o in fastai_xresnet50().modules())
+    # fixed upstream bug: xsenet154 builds
+    assert isinstance(fx.xsenet154(n_out=3), FastaiXResNet)
+
+def test_patches_idempotent():
+    import fastai.torch_core
+    from bnet_fastai.fastai_patches import apply_patches
+    apply_patches(); apply_patches()
+    assert fastai.torch_core.norm_types.count(BNET) == 1
+    assert fx.XResNet is bx.NormXResNet
+
+def test_sync_batchnorm_conversion():
+    m = nn.SyncBatchNorm.convert_sync_batchnorm(bx.xresnet18(norm='bnet'))
+    bnets = [o for o in m.modules() if isinstance(o, BNET)]
+    assert bnets and all(isinstance(b.bn, nn.SyncBatchNorm) for b in bnets)
+    assert not any(type(o) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for o in m.modules())
+
+@pytest.mark.parametrize('call,match', [
+    (lambda: bx.xresnet18(norm='bnet4'), r"'bnet4'.*bn, bnet, bnet3, bnet5, bnet7, in, none"),
+    (lambda: bx.xresnet18(norm='bogus'), r"'bogus'.*bn, bnet, bnet3, bnet5, bnet7, in, none"),
+    (lambda: make_norm('bogus', 8), r"'bogus'.*valid names"),
+    (lambda: BNET(8, ks=2), r"ks=2.*odd|odd.*ks=2"),
+    (lambda: bx.xresnet18(norm='bnet', bnet_at='middle'), r"'middle'.*'all', 'last'"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match): call()
+
+def test_registry_names():
+    assert list(norm_registry) == ['bn', 'bnet', 'bnet3', 'bnet5', 'bnet7', 'in', 'none']
+    assert isinstance(make_norm('none', 4), nn.Identity)
+
+def test_learner_treats_bnet_as_norm():
+    "wd_bn_bias=False gives BNET no weight decay; train_bn keeps it trainable when frozen."
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.optimizer import SGD
+    ds = [(torch.randn(3, 32, 32), torch.tensor(0)) for _ in range(4)]
+    dls = DataLoaders(DataLoader(ds, bs=2), DataLoader(ds, bs=2))
+    model = bx.xresnet18(n_out=2, norm='bnet')
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=SGD, splitter=lambda m: [list(m[:-1].parameters()), list(m[-1].parameters())])
+    learn.create_opt()
+    bnet_params = {id(p) for o in model.modules() if isinstance(o, BNET) for p in o.parameters()}
+    assert bnet_params
+    states = {id(p): learn.opt.state[p] for pg in learn.opt.param_lists for p in pg}
+    assert all(states[i].get('do_wd', True) is False for i in bnet_params)
+    conv_w = model[0][0].weight
+    assert states[id(conv_w)].get('do_wd', True) is True
+    learn.freeze()
+    assert all(p.requires_grad for o in model.modules() if isinstance(o, BNET) for p in o.parameters())
+    assert not conv_w.requires_grad
