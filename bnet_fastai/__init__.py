@@ -8,6 +8,6 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/init.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/98_init.ipynb #80cf0a06
+# %% ../nbs/98_init.ipynb #7267c37b
 from .fastai_patches import apply_patches as _apply_patches
 _apply_patches()

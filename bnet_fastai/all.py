@@ -7,7 +7,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #7006b6c0
+# %% ../nbs/99_all.ipynb #2b1948f0
 from . import layers, norms, fastai_patches
 from .models import xresnet
 from .layers import *
@@ -15,6 +15,6 @@ from .norms import *
 from .models.xresnet import *
 from .fastai_patches import *
 
-# %% ../nbs/99_all.ipynb #7118abbf
+# %% ../nbs/99_all.ipynb #6de90e64
 # `import *` re-exports only what `__all__` names, so list every public module's names here.
 __all__ = [n for m in (layers, norms, xresnet, fastai_patches) for n in m.__all__]
