@@ -19,8 +19,9 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize
 
 # %% auto #0
-__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'FolderLabel', 'check_image_folder', 'CheckedPILImage', 'image_folder_dls',
-           'imagenette_url', 'get_imagenette', 'imagenette_dls', 'fake_imagenette', 'DigitImage', 'digits_dls']
+__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'FolderLabel', 'check_image_folder', 'CheckedPILImage', 'ImageNetCrop',
+           'image_folder_dls', 'imagenette_url', 'get_imagenette', 'imagenette_dls', 'fake_imagenette', 'DigitImage',
+           'digits_dls']
 
 # %% ../nbs/07_data.ipynb #5eb12b51
 IMAGENETTE_CLASSES = {
@@ -77,6 +78,16 @@ class CheckedPILImage(PILImage):
         except Exception as e: raise ValueError(f"cannot read image {fn}: {e}") from None
 
 # %% ../nbs/07_data.ipynb #1f71467b
+class ImageNetCrop(RandomResizedCrop):
+    "`RandomResizedCrop` for training; for validation, the centre square of side `shorter/(1+val_xtra)`, resized (aspect kept)."
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        if not split_idx: return
+        w, h = self.orig_sz
+        side = max(1, round(min(w, h) / (1 + self.val_xtra)))
+        self.final_size, self.cp_size, self.tl = self.size, (side, side), ((w - side)//2, (h - side)//2)
+
+# %% ../nbs/07_data.ipynb #5f04c026
 def image_folder_dls(path:str|Path, # A folder holding train/<class>/ and val/<class>/ image folders
                      size:int=128, # Side of the square images in a batch
                      bs:int=64, # Batch size
@@ -92,12 +103,12 @@ def image_folder_dls(path:str|Path, # A folder holding train/<class>/ and val/<c
     dblock = DataBlock(blocks=(ImageBlock(CheckedPILImage), CategoryBlock(vocab=vocab, sort=False)),
                        get_items=lambda p: get_image_files(p, folders=['train', 'val']),
                        get_y=FolderLabel(names), splitter=GrandparentSplitter(valid_name='val'),
-                       item_tfms=[RandomResizedCrop(size, min_scale=min_scale), FlipItem(0.5)],
+                       item_tfms=[ImageNetCrop(size, min_scale=min_scale), FlipItem(0.5)],
                        batch_tfms=Normalize.from_stats(*imagenet_stats))
     if workers is not None: kwargs['num_workers'] = workers
-    return dblock.dataloaders(path, bs=bs, **kwargs)
+    return dblock.dataloaders(path, path=path, bs=bs, **kwargs)
 
-# %% ../nbs/07_data.ipynb #e46a1af6
+# %% ../nbs/07_data.ipynb #37666c9e
 def imagenette_url(size:int=128, woof:bool=False) -> str:
     "fastai's URL for Imagenette (or Imagewoof): the 160 px version up to `size` 160, the 320 px one above."
     return getattr(URLs, f"{'IMAGEWOOF' if woof else 'IMAGENETTE'}_{160 if size <= 160 else 320}")
@@ -112,7 +123,7 @@ def get_imagenette(size:int=128, woof:bool=False) -> Path:
                               f"archive on a machine with network access, copy the folder here and pass it: "
                               f"imagenette_dls(path='/data/{folder}') or bnet-train --dataset /data/{folder}") from None
 
-# %% ../nbs/07_data.ipynb #37b17362
+# %% ../nbs/07_data.ipynb #e3a8d3a2
 def imagenette_dls(size:int=128, # Side of the square images in a batch
                    bs:int=64, # Batch size
                    woof:bool=False, # Imagewoof (10 dog breeds) instead of Imagenette
@@ -124,7 +135,7 @@ def imagenette_dls(size:int=128, # Side of the square images in a batch
     path = Path(path) if path is not None else get_imagenette(size, woof)
     return image_folder_dls(path, size=size, bs=bs, workers=workers, names={**IMAGENETTE_CLASSES, **IMAGEWOOF_CLASSES}, **kwargs)
 
-# %% ../nbs/07_data.ipynb #2065d153
+# %% ../nbs/07_data.ipynb #ca099812
 def fake_imagenette(path:str|Path, # Where to write the tree
                     n_train:int=3, # JPEGs per class in train/
                     n_val:int=2, # JPEGs per class in val/
@@ -141,7 +152,7 @@ def fake_imagenette(path:str|Path, # Where to write the tree
                 Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path/split/wnid/f'{wnid}_{i}.JPEG')
     return path
 
-# %% ../nbs/07_data.ipynb #79858abd
+# %% ../nbs/07_data.ipynb #6fec9380
 class DigitImage:
     "Item `i` of scikit-learn's digits as a 3-channel `PILImage` (8×8, 17 grey levels scaled to 0–255)."
     def __init__(self, images:np.ndarray): self.images = (images * (255/16)).round().astype(np.uint8)
