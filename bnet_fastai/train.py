@@ -13,7 +13,7 @@ from torch.amp import autocast
 from fastcore.basics import AttrDict
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
-from fastai.learner import Learner
+from fastai.learner import Learner, SkipToEpoch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.callback.schedule import *
@@ -105,15 +105,19 @@ class EpochCheckpoint(Callback):
         self.epoch_times = list(state['epoch_times']) if state else []
 
     def before_epoch(self):
-        if self.epoch == self.start and self.state: _set_rng_states(self.dls, self.state['rng'])
+        if self.epoch == self.start and self.state:
+            _set_rng_states(self.dls, self.state['rng'])
+            sl = self.recorder.smooth_loss # the logged train_loss is a running average across epochs
+            sl.count, sl.val = self.state['smooth_loss']
         self.t0 = time.perf_counter()
 
     def after_epoch(self):
-        # A finished epoch skipped by `start_epoch`: give the recorder back its values
+        # A finished epoch that `SkipToEpoch` skipped: give the recorder back its values
         if self.epoch < self.start: self.recorder.values[-1] = self.state['values'][self.epoch]; return
         self.epoch_times.append(time.perf_counter() - self.t0)
         ckpt = dict(epoch=self.epoch+1, model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(),
                     rng=_rng_states(self.dls), values=[list(v) for v in self.recorder.values],
+                    smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val),
                     epoch_times=self.epoch_times)
         _atomic_write(self.fname, lambda f: torch.save(ckpt, f))
 
@@ -168,6 +172,7 @@ def train_run(cfg:AttrDict, # From `train_config`
     "Train one run (one norm, one seed) and return its final metrics; the history and checkpoints go to `run_dir`."
     run_dir, ckpt = Path(run_dir), Path(run_dir)/'checkpoint.pth'
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # left by a kill during a save
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     set_seed(seed, reproducible=True)
     dls = get_dls(cfg, check=False)
@@ -176,8 +181,9 @@ def train_run(cfg:AttrDict, # From `train_config`
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
-    getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=[RunLogger('history.csv', cp.start), cp],
-                                      start_epoch=cp.start)
+    # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
+    cbs = [RunLogger('history.csv', cp.start), cp] + ([SkipToEpoch(cp.start)] if cp.start else [])
+    getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
     return _final_metrics(learn, cp.epoch_times)
 
 # %% ../nbs/08_train.ipynb #871afd2e
