@@ -48,7 +48,9 @@ def _branch_last_norm(block):
 class NormResNet(ResNet):
     "timm's `ResNet` with fastai's argument names, `norm` from `norm_registry` and `act_cls` by name."
     @delegates(ResNet.__init__, but=['num_classes', 'in_chans', 'drop_rate', 'norm_layer', 'act_layer', 'zero_init_last'])
-    def __init__(self, block, layers,
+    def __init__(self,
+                 block:type, # Residual block class, e.g. timm's `BasicBlock` or `ResNestBottleneck`
+                 layers:list, # Number of blocks in each of the four stages
                  c_in:int=3, # Number of input channels
                  n_out:int=1000, # Number of classes
                  norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
@@ -111,9 +113,16 @@ def xsemininet(c_in:int=3, # Number of input channels
 # %% ../../nbs/05_zoo.ipynb #589c7f60
 class SplitAttnBasicBlock(BasicBlock):
     "timm's `BasicBlock` whose second 3×3 conv is timm's `SplitAttn`, which carries its own norm and activation."
-    def __init__(self, inplanes:int, planes:int, stride:int=1, downsample:nn.Module|None=None,
+    def __init__(self,
+                 inplanes:int, # Input channels
+                 planes:int, # Output channels
+                 stride:int=1, # Stride of the first conv
+                 downsample:nn.Module|None=None, # The shortcut's conv and norm, where the shape changes
                  radix:int=2, # Number of split-attention branches
-                 act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d, device=None, dtype=None, **kwargs):
+                 act_layer=nn.ReLU, # Activation factory, called as `act_layer(inplace=True)`
+                 norm_layer=nn.BatchNorm2d, # Norm factory, called as `norm_layer(nf)`
+                 device=None, dtype=None, # Where and in what dtype to build the parameters
+                 **kwargs): # Passed to timm's `BasicBlock`
         super().__init__(inplanes, planes, stride, downsample, act_layer=act_layer, norm_layer=norm_layer,
                          device=device, dtype=dtype, **kwargs)
         self.conv2 = SplitAttn(planes, planes, kernel_size=3, radix=radix, act_layer=act_layer, norm_layer=norm_layer,
