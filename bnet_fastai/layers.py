@@ -24,7 +24,7 @@ def _check_ndim(ndim):
     if ndim not in (1, 2, 3): raise ValueError(f"ndim must be 1, 2 or 3, got ndim={ndim!r}")
 
 # %% ../nbs/00_layers.ipynb #35ce254e
-LEAN_DEFAULT = True # Whether new BNETs train through the memory-lean path
+LEAN_DEFAULT = False # Whether new BNETs train through the memory-lean path (read when a BNET is built)
 
 _convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _plain_bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -100,12 +100,13 @@ class BNET(nn.Module):
                  zero:bool=False, # Start as the zero function (kernel and bias 0), for the last norm of a residual branch
                  eps:float=1e-5, # BatchNorm's epsilon
                  momentum:float|None=0.1, # BatchNorm's running-stats momentum (`None`: cumulative average)
-                 lean:bool=LEAN_DEFAULT, # Train with the memory-lean path: keep only the input for backward, recompute the normalised one
+                 lean:bool|None=None, # Train with the memory-lean path (keep only the input for backward); `None`: `LEAN_DEFAULT`
                 ):
         super().__init__()
         _check_ks(ks); _check_ndim(ndim)
         if not isinstance(nf, int) or nf < 1: raise ValueError(f"nf must be a positive int, got nf={nf!r}")
-        if not isinstance(lean, bool): raise ValueError(f"lean must be True or False, got lean={lean!r}")
+        if lean is None: lean = LEAN_DEFAULT
+        if not isinstance(lean, bool): raise ValueError(f"lean must be True, False or None, got lean={lean!r}")
         store_attr('nf,ks,ndim,zero,lean')
         self.bn = getattr(nn, f'BatchNorm{ndim}d')(nf, eps=eps, momentum=momentum, affine=False)
         self.conv = getattr(nn, f'Conv{ndim}d')(nf, nf, ks, padding=ks//2, groups=nf, bias=True)
@@ -132,7 +133,7 @@ class BNET(nn.Module):
         return self.conv(self.bn(x))
 
     def extra_repr(self):
-        return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + ('' if self.lean else ', lean=False')
+        return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + (', lean=True' if self.lean else '')
 
 # %% ../nbs/00_layers.ipynb #d0359050
 _bn_classes = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}

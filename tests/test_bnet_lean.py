@@ -6,8 +6,8 @@ from bnet_fastai.layers import BNET
 convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 sizes = {1: (4, 5, 11), 2: (3, 5, 9, 8), 3: (2, 5, 7, 6, 7)}
 
-def random_bnet(nf, ks, ndim, **kw):
-    m = BNET(nf, ks=ks, ndim=ndim, **kw)
+def random_bnet(nf, ks, ndim, lean=True, **kw):
+    m = BNET(nf, ks=ks, ndim=ndim, lean=lean, **kw)
     with torch.no_grad(): m.conv.weight.normal_(); m.conv.bias.normal_()
     return m
 
@@ -157,10 +157,18 @@ def test_fallbacks_to_plain_path():
     m.lean = False; y = m(x)
     assert not is_lean(y); torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match='lean'): BNET(4, lean='yes')
+    # the default comes from LEAN_DEFAULT, read when the layer is built
+    import bnet_fastai.layers as L
+    assert BNET(4).lean is L.LEAN_DEFAULT
+    old = L.LEAN_DEFAULT
+    try: L.LEAN_DEFAULT = not old; assert BNET(4).lean is (not old)
+    finally: L.LEAN_DEFAULT = old
 
 def test_jit_script_trace_and_compile():
     from bnet_fastai.models.xresnet import xresnet18
     model = xresnet18(n_out=3, norm='bnet')
+    for l in model.modules():
+        if isinstance(l, BNET): l.lean = True
     sm = torch.jit.script(model)
     x = torch.randn(2, 3, 32, 32)
     model.eval(); sm.eval()
