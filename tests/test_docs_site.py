@@ -133,6 +133,23 @@ def test_crawl_links_and_images(site, browser):
     print(f'crawled {len(seen)} pages, {len(assets)} other files, {n_imgs} images')
     assert {f'{p}.html' for p in _pages()} <= visited, 'every notebook page is reachable'
 
+def _experiment_pages():
+    cfg = get_config(root)
+    return [page_name(p, cfg.nbs_path) for _,p in doc_nbs(cfg) if 'experiment' in p.name]
+
+def test_experiment_page(site, browser):
+    "Each experiment page shows its results table and its curves image."
+    from selenium.webdriver.common.by import By
+    pages = _experiment_pages()
+    if not pages: pytest.skip('no experiment notebook in nbs/')
+    for p in pages:
+        _open(browser, site.url + f'{p}.html')
+        tables = [t for t in browser.find_elements(By.CSS_SELECTOR, 'article table') if t.is_displayed()]
+        assert any(len(t.find_elements(By.TAG_NAME, 'tr')) >= 3 for t in tables), f'{p}: no results table'
+        imgs = browser.execute_script(
+            "return Array.from(document.querySelectorAll('article img')).map(i => i.complete && i.naturalWidth > 100)")
+        assert any(imgs), f'{p}: no plot image shown'
+
 def test_docstring_edit_changes_page(tmp_path, browser):
     "On a copy of the project: change BNET's docstring in its notebook, rebuild, and the page shows the new one."
     from selenium.webdriver.common.by import By
