@@ -14,6 +14,7 @@ import torch
 from torch import nn
 import torch.fx as fx
 from fastai.callback.fp16 import MixedPrecision, AMPMode
+from fastcore.foundation import L
 from .layers import BNET
 
 # %% auto #0
@@ -46,19 +47,19 @@ def _check_pair(conv, norm):
     if conv._forward_hooks or conv._forward_pre_hooks or norm._forward_hooks or norm._forward_pre_hooks: return "a forward hook is attached"
     return None
 
-def _graph_pairs(gm, prefix, res):
-    "Record in `res` (norm name → (conv name or None, reason)) what feeds each norm called in traced module `gm`."
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == 'call_module')
-    for n in gm.graph.nodes:
+def _graph_pairs(module, graph, prefix, res):
+    "Record in `res` (norm name → (conv name or None, reason)) what feeds each norm called in `module`'s traced `graph`."
+    calls = Counter(n.target for n in graph.nodes if n.op == 'call_module')
+    for n in graph.nodes:
         if n.op != 'call_module': continue
-        norm = gm.get_submodule(n.target)
+        norm = module.get_submodule(n.target)
         if not _is_norm(norm): continue
         name = prefix + n.target
         src = n.args[0] if len(n.args) == 1 and not n.kwargs else None
         if not isinstance(src, fx.Node): res[name] = (None, "it is called with other arguments"); continue
         if src.op == 'placeholder': res.setdefault(name, (None, f"its input comes from outside `{prefix[:-1] or 'model'}`, whose parent could not be traced")); continue
         if src.op != 'call_module': res[name] = (None, f"its input is not a module's output ({src.op} {src.target})"); continue
-        conv = gm.get_submodule(src.target)
+        conv = module.get_submodule(src.target)
         if calls[n.target] > 1 or calls[src.target] > 1: res[name] = (None, "the norm or its conv is called more than once"); continue
         if list(src.users) != [n]: res[name] = (None, f"the conv's output also feeds {[u.name for u in src.users if u is not n]}"); continue
         why = _check_pair(conv, norm)
@@ -68,7 +69,7 @@ def _pairs(module, prefix='', res=None):
     "Norm name → (conv name, None) for each foldable pair in `module`, or (None, reason) for each norm that is not."
     res = {} if res is None else res
     if _is_norm(module): return res
-    try: gm = fx.GraphModule(module, _Tracer().trace(module))
+    try: graph = _Tracer().trace(module)
     except Exception:
         kids = list(module.named_children())
         if type(module).forward is nn.Sequential.forward:  # plain chaining: each child's output feeds only the next
@@ -78,7 +79,7 @@ def _pairs(module, prefix='', res=None):
                     res[prefix + nn_] = (None, why) if why else (prefix + cn, None)
         for cn, c in kids: _pairs(c, prefix + cn + '.', res)
         return res
-    _graph_pairs(gm, prefix, res)
+    _graph_pairs(module, graph, prefix, res)
     return res
 
 # %% ../nbs/11_deploy.ipynb #52d3090c
@@ -166,9 +167,8 @@ def export_onnx(model:nn.Module, # The (eval-mode) model to export
 class DeviceMixedPrecision(MixedPrecision):
     "fastai's `MixedPrecision`, autocasting on the device the data is on (fastai's always uses CUDA, a no-op on CPU)."
     def before_fit(self):
-        super().before_fit()
         dev = getattr(self.dls, 'device', None) or next(self.model.parameters()).device
         dev = torch.device(dev).type
         dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
-        self.autocast = torch.autocast(dev, dtype=dtype)
-        self.learn.scaler = torch.amp.GradScaler(dev, **self.kwargs)
+        self.kwargs['enabled'] = dtype == torch.float16  # bf16 has fp32's range: no loss scaling needed
+        self.autocast, self.learn.scaler, self.scales = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs), L()

@@ -1,7 +1,8 @@
 "Small real images for tests: sklearn's 8×8 digits as 3-channel tensors, upsampled, in fastai `DataLoaders`."
 import torch, torch.nn.functional as F
 from sklearn.datasets import load_digits
-from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.core import Datasets
+from fastai.data.transforms import ItemGetter
 from fastai.torch_core import TensorImage, TensorCategory
 
 def digits_tensors(size=16, n=None):
@@ -13,12 +14,11 @@ def digits_tensors(size=16, n=None):
     return x, torch.tensor(d.target[:n])
 
 def digits_dls(size=16, n=None, bs=64, n_valid=300, seed=0):
-    "fastai `DataLoaders` over digits: shuffled train set and the last `n_valid` images for validation."
+    "fastai `DataLoaders` over digits (picklable, so `learn.export` works): a random `n_valid` images for validation."
     x, y = digits_tensors(size, n)
     items = [(TensorImage(a), TensorCategory(b)) for a, b in zip(x, y)]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(items), generator=g).tolist()
-    trn, val = [items[i] for i in idx[:-n_valid]], [items[i] for i in idx[-n_valid:]]
-    dls = DataLoaders(TfmdDL(trn, bs=bs, shuffle=True, drop_last=True), TfmdDL(val, bs=bs), device='cpu')
+    idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=(idx[:-n_valid], idx[-n_valid:]))
+    dls = dsets.dataloaders(bs=bs, drop_last=True, device='cpu')
     dls.c = 10
     return dls
