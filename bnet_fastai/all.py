@@ -15,9 +15,11 @@ from .activations import *
 from .models.xresnet import *
 from .models.zoo import *
 from .optimizers import *
+from .convert import *
+from .deploy import *
 from .fastai_patches import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'fastai_patches']
+_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'fastai_patches']
 # `import *` re-exports only what `__all__` names, so collect every public module's names here.
 __all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__]
