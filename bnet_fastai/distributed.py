@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/distributed.html.md"""
 
 # %% ../nbs/09_distributed.ipynb #7e66c73c
 from __future__ import annotations
-import os, socket, sys
+import os, socket, sys, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -20,9 +20,9 @@ from fastai.callback.core import Callback
 import fastai.distributed # adds `Learner.distrib_ctx`
 
 # %% auto #0
-__all__ = ['NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'barrier', 'gather_objects', 'rank_item',
-           'SyncBatchNorm', 'to_sync_bn', 'free_port', 'launch_cmd', 'GatheredAvgMetric', 'GatheredAvgLoss',
-           'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
+__all__ = ['sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'barrier', 'gather_objects',
+           'rank_item', 'CPUSyncBatchNorm', 'to_sync_bn', 'free_port', 'launch_cmd', 'GatheredAvgMetric',
+           'GatheredAvgLoss', 'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
 
 # %% ../nbs/09_distributed.ipynb #ea4f2663
 def distrib_env() -> AttrDict|None:
@@ -63,19 +63,27 @@ def rank_item(objs:list):
 
 # %% ../nbs/09_distributed.ipynb #54170579
 from torch.distributed.nn.functional import all_reduce as _all_reduce
+# The public all-reduce with autograd; the replacement its deprecation warning names is a private module
+warnings.filterwarnings('ignore', 'torch.distributed.nn.functional.all_reduce is deprecated', FutureWarning)
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    "PyTorch's `SyncBatchNorm`, also synchronising CPU tensors (gloo), so that `--sync-bn` runs on any device."
-    def _cpu_sync(self, x) -> bool:
-        if x.device.type != 'cpu' or not self.training or not _initialized(): return False
-        return dist.get_world_size(self.process_group or dist.group.WORLD) > 1
+class CPUSyncBatchNorm(_BatchNorm):
+    "BatchNorm whose training statistics cover every process of a CPU (gloo) process group; PyTorch's `SyncBatchNorm` for CPUs."
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2: raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def _syncs(self) -> bool:
+        return self.training and _initialized() and dist.get_world_size(self.process_group or dist.group.WORLD) > 1
 
     def forward(self, x):
-        if not self._cpu_sync(x): return super().forward(x)
+        if not self._syncs(): return super().forward(x)
         self._check_input_dim(x)
         group = self.process_group or dist.group.WORLD
         dims, shape = [0, *range(2, x.ndim)], (1, -1) + (1,) * (x.ndim - 2)
-        # Global mean, then global variance around it: two passes, as stable as BatchNorm's own
+        # Global mean, then the global variance around it: two passes, as stable as BatchNorm's own
         s = _all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])]), group=group)
         n, mean = s[-1], s[:-1] / s[-1]
         xc = x - mean.view(shape)
@@ -89,16 +97,31 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         y = xc * torch.rsqrt(var + self.eps).view(shape)
         return y if self.weight is None else y * self.weight.view(shape) + self.bias.view(shape)
 
-def to_sync_bn(model:nn.Module, # A model whose BatchNorms (BNET's inner ones included) become `SyncBatchNorm`
+    @classmethod
+    def from_bn(cls, bn:_BatchNorm, process_group=None):
+        "A `CPUSyncBatchNorm` sharing `bn`'s parameters and buffers."
+        res = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group)
+        if bn.affine: res.weight, res.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            res.running_mean, res.running_var, res.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        return res.train(bn.training)
+
+sync_bn_types = (nn.SyncBatchNorm, CPUSyncBatchNorm)
+
+def _to_cpu_sync(m:nn.Module, process_group) -> nn.Module:
+    if isinstance(m, _BatchNorm) and not isinstance(m, sync_bn_types): return CPUSyncBatchNorm.from_bn(m, process_group)
+    for name, c in m.named_children(): setattr(m, name, _to_cpu_sync(c, process_group))
+    return m
+
+def to_sync_bn(model:nn.Module, # A model whose BatchNorms (BNET's inner ones included) become synchronised
+               cpu:bool|None=None, # `CPUSyncBatchNorm` for a CPU process group, PyTorch's `SyncBatchNorm` otherwise (default: CPU when there is no GPU)
                process_group=None, # The group to synchronise over (default: all processes)
               ) -> nn.Module:
-    "Convert every BatchNorm of `model` to `SyncBatchNorm` with PyTorch's converter; keep the weights and statistics."
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
-    for m in model.modules():
-        if type(m) is nn.SyncBatchNorm: m.__class__ = SyncBatchNorm # same state, a forward that also syncs on CPU
-    return model
+    "Convert every BatchNorm of `model` to a synchronised one, keeping its parameters and statistics."
+    if cpu is None: cpu = not torch.cuda.is_available()
+    return _to_cpu_sync(model, process_group) if cpu else nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
-# %% ../nbs/09_distributed.ipynb #d0f84487
+# %% ../nbs/09_distributed.ipynb #c49bd340
 def free_port() -> int:
     "A TCP port that is free on the loopback interface now, for `--master_port`."
     with socket.socket() as s:
@@ -112,7 +135,7 @@ def launch_cmd(nproc:int, # Number of processes
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
             '--master_addr', '127.0.0.1', '--master_port', str(port or free_port()), *args]
 
-# %% ../nbs/09_distributed.ipynb #cb687836
+# %% ../nbs/09_distributed.ipynb #d8af512c
 def _gathered_batch(learn):
     "Predictions and targets of the current batch from all ranks, padding dropped (just detached in one process)."
     return learn.to_detach((learn.pred, *learn.yb))
@@ -136,29 +159,31 @@ class GatheredAvgLoss(AvgLoss):
 def gathered_metrics(learn:Learner):
     "Replace `learn`'s averaged metrics and validation loss by their gathered forms."
     learn.metrics = [GatheredAvgMetric(m.func) if type(m) is AvgMetric else m for m in learn.metrics]
-    learn.recorder.loss = GatheredAvgLoss()
+    object.__setattr__(learn.recorder, 'loss', GatheredAvgLoss()) # the recorder's own `loss`, not the learner's
 
-# %% ../nbs/09_distributed.ipynb #93f12398
+# %% ../nbs/09_distributed.ipynb #eb866015
 @contextmanager
 def distrib_run(learn:Learner, # The learner to train
-                sync_bn:bool=False, # Convert every BatchNorm (BNET's inner ones included) to `SyncBatchNorm` first
+                sync_bn:bool=False, # Synchronise every BatchNorm (BNET's inner ones included) across processes first
                ):
     "Train `learn` inside fastai's `distrib_ctx` when a launcher started this process; otherwise leave it as it is."
     env = distrib_env()
     if env is None: yield learn; return
     init_distributed()
-    if sync_bn: learn.model = to_sync_bn(learn.model)
+    if sync_bn: learn.model = to_sync_bn(learn.model, cpu=env.cpu)
     old = learn.metrics, learn.recorder.loss
     gathered_metrics(learn)
     try:
         with learn.distrib_ctx(sync_bn=False, cpu=env.cpu): yield learn
-    finally: learn.metrics, learn.recorder.loss = old
+    finally:
+        learn.metrics = old[0]
+        object.__setattr__(learn.recorder, 'loss', old[1])
 
 def unwrap(model:nn.Module) -> nn.Module:
     "The model inside DDP's wrapper, whose state dict loads in any number of processes."
     return model.module if isinstance(model, DistributedDataParallel) else model
 
-# %% ../nbs/09_distributed.ipynb #9e6a550b
+# %% ../nbs/09_distributed.ipynb #1558e57c
 NORM_STATS_ENV = 'BNET_NORM_STATS_DIR'
 
 class NormStatsDump(Callback):

@@ -6,15 +6,17 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
 # %% ../nbs/03_fastai_patches.ipynb #0b9d2c21
 from __future__ import annotations
+import random
 import torch, torch.distributed as dist
 from torch import nn
 import fastai.torch_core, fastai.callback.training, fastai.distributed as fdist
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
 from .models.xresnet import NormXResNet, xsenet154
+from .distributed import sync_bn_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'dl_broadcast', 'apply_patches']
+__all__ = ['set_bn_eval', 'dl_broadcast', 'dl_rng', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
@@ -34,13 +36,17 @@ def dl_broadcast(self, t:list, rank:int) -> list:
     dist.broadcast(t, rank)
     return t.cpu().tolist()
 
+def dl_rng(self) -> random.Random:
+    "The random generator of the wrapped loader, which draws the order."
+    return self.dl.rng
+
 # %% ../nbs/03_fastai_patches.ipynb #b5d9ae86
 _originals = {}
 
 def apply_patches():
     "Make fastai treat `BNET` as a norm and let its XResNet builders take `norm=`. Safe to call again."
     tc, tr = fastai.torch_core, fastai.callback.training
-    if BNET not in tc.norm_types: tc.norm_types = tuple(tc.norm_types) + (BNET,)
+    tc.norm_types = tuple(tc.norm_types) + tuple(t for t in (BNET, *sync_bn_types) if t not in tc.norm_types)
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
     tr.set_bn_eval = set_bn_eval
     _originals.setdefault('XResNet', fx.XResNet)
@@ -49,3 +55,4 @@ def apply_patches():
     fx.xsenet154 = xsenet154
     _originals.setdefault('DistributedDL._broadcast', fdist.DistributedDL._broadcast)
     fdist.DistributedDL._broadcast = dl_broadcast
+    fdist.DistributedDL.rng = property(dl_rng)
