@@ -187,12 +187,12 @@ def unwrap(model:nn.Module) -> nn.Module:
 NORM_STATS_ENV = 'BNET_NORM_STATS_DIR'
 
 class NormStatsDump(Callback):
-    "After fitting, save this rank's norm running statistics and norm classes to `folder/<run>_rank<r>.pt`."
+    "After each epoch's training, save this rank's norm running statistics and norm classes to `folder/<run>_rank<r>.pt`."
     order = 100
     def __init__(self, folder:Path, # Where every rank writes its file
                  run:str, # Names the run in the file name
                 ): self.folder, self.run = Path(folder), run
-    def after_fit(self):
+    def after_train(self):
         m = unwrap(self.learn.model)
         norms = {n: o for n, o in m.named_modules() if isinstance(o, _BatchNorm)}
         stats = {f'{n}.{b}': getattr(o, b).detach().cpu().clone() for n, o in norms.items()
