@@ -17,9 +17,12 @@ from .models.zoo import *
 from .optimizers import *
 from .convert import *
 from .deploy import *
+from .data import *
+from .train import *
+from .distributed import *
 from .fastai_patches import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'fastai_patches']
+_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches']
 # `import *` re-exports only what `__all__` names, so collect every public module's names here.
 __all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__]
