@@ -8,13 +8,21 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #2b1948f0
-from . import layers, norms, fastai_patches
-from .models import xresnet
+import importlib
 from .layers import *
 from .norms import *
+from .activations import *
 from .models.xresnet import *
+from .models.zoo import *
+from .optimizers import *
+from .convert import *
+from .deploy import *
+from .data import *
+from .train import *
+from .distributed import *
 from .fastai_patches import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-# `import *` re-exports only what `__all__` names, so list every public module's names here.
-__all__ = [n for m in (layers, norms, xresnet, fastai_patches) for n in m.__all__]
+_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches']
+# `import *` re-exports only what `__all__` names, so collect every public module's names here.
+__all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__]

@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai changes fastai: BNET counts as a norm, and fastai's own XResNet builders take `norm=`.
+"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, and fastai's `DistributedDL` runs on CPUs.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -6,14 +6,17 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
 # %% ../nbs/03_fastai_patches.ipynb #0b9d2c21
 from __future__ import annotations
+import random
+import torch, torch.distributed as dist
 from torch import nn
-import fastai.torch_core, fastai.callback.training
+import fastai.torch_core, fastai.callback.training, fastai.distributed as fdist
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
 from .models.xresnet import NormXResNet, xsenet154
+from .distributed import sync_bn_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'apply_patches']
+__all__ = ['set_bn_eval', 'dl_broadcast', 'dl_rng', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
@@ -26,16 +29,30 @@ def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
         # A BNET is one norm: its inner BatchNorm has no parameters of its own.
         if not isinstance(l, BNET): set_bn_eval(l, use_eval_train)
 
-# %% ../nbs/03_fastai_patches.ipynb #5b14321c
+# %% ../nbs/03_fastai_patches.ipynb #996d11b1
+def dl_broadcast(self, t:list, rank:int) -> list:
+    "Broadcast the list `t` from `rank`, on CUDA for nccl and on the CPU for other backends."
+    t = torch.tensor(t, dtype=torch.long, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.broadcast(t, rank)
+    return t.cpu().tolist()
+
+def dl_rng(self) -> random.Random:
+    "The random generator of the wrapped loader, which draws the order."
+    return self.dl.rng
+
+# %% ../nbs/03_fastai_patches.ipynb #b5d9ae86
 _originals = {}
 
 def apply_patches():
     "Make fastai treat `BNET` as a norm and let its XResNet builders take `norm=`. Safe to call again."
     tc, tr = fastai.torch_core, fastai.callback.training
-    if BNET not in tc.norm_types: tc.norm_types = tuple(tc.norm_types) + (BNET,)
+    tc.norm_types = tuple(tc.norm_types) + tuple(t for t in (BNET, *sync_bn_types) if t not in tc.norm_types)
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
     tr.set_bn_eval = set_bn_eval
     _originals.setdefault('XResNet', fx.XResNet)
     fx.XResNet = NormXResNet
     _originals.setdefault('xsenet154', fx.xsenet154)
     fx.xsenet154 = xsenet154
+    _originals.setdefault('DistributedDL._broadcast', fdist.DistributedDL._broadcast)
+    fdist.DistributedDL._broadcast = dl_broadcast
+    fdist.DistributedDL.rng = property(dl_rng)

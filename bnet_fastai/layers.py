@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['BNET']
+__all__ = ['LEAN_DEFAULT', 'BNET']
 
 # %% ../nbs/00_layers.ipynb #4cbcc1c7
 def _check_ks(ks):
@@ -23,7 +23,74 @@ def _check_ks(ks):
 def _check_ndim(ndim):
     if ndim not in (1, 2, 3): raise ValueError(f"ndim must be 1, 2 or 3, got ndim={ndim!r}")
 
-# %% ../nbs/00_layers.ipynb #579fd7e0
+# %% ../nbs/00_layers.ipynb #35ce254e
+LEAN_DEFAULT = False # Whether new BNETs train through the memory-lean path (read when a BNET is built)
+
+_convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_plain_bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+class _LeanBNETFn(torch.autograd.Function):
+    "Batch-stat BN (no affine) then depthwise conv, saving only the input (and per-channel stats) for backward."
+    @staticmethod
+    def forward(ctx, x, w, b, running_mean, running_var, momentum:float, eps:float):
+        # `native_batch_norm` is the kernel `F.batch_norm` runs: same output, same running-stat update (unbiased var).
+        xh, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        y = _convs[x.dim()-2](xh, w, b, padding=w.shape[-1]//2, groups=x.shape[1])
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, b, mean, invstd = ctx.saved_tensors
+        nd, C, p = x.dim()-2, x.shape[1], w.shape[-1]//2
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True (e.g. Hessian-based optimizers): recompute differentiably so higher derivatives are exact.
+            y = _convs[nd](F.batch_norm(x, None, None, training=True, eps=ctx.eps), w, b, padding=p, groups=C)
+            wanted = [t for t, n in zip((x, w, b), (nx, nw, nb)) if n]
+            gs = iter(torch.autograd.grad(y, wanted, g, create_graph=True))
+            return tuple(next(gs) if n else None for n in (nx, nw, nb)) + (None,)*4
+        shape = (1, C) + (1,)*nd
+        # x̂ = x·invstd − mean·invstd: the same form the CPU BN kernel uses, so the recomputed x̂ matches the forward one.
+        # Only the weight grad reads x̂'s values; the input grad needs just its shape.
+        xh = torch.addcmul((-mean*invstd).view(shape), x, invstd.view(shape)) if nw else x
+        gxh, gw, gb = torch.ops.aten.convolution_backward(
+            g, xh, w, [C], [1]*nd, [p]*nd, [1]*nd, False, [0]*nd, C, [nx, nw, nb])
+        del xh
+        gx = None
+        if nx: gx = torch.ops.aten.native_batch_norm_backward(
+            gxh, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
+        return gx, gw, gb, None, None, None, None
+
+# %% ../nbs/00_layers.ipynb #06b9a55f
+def _lean_applies(m, x) -> bool:
+    "Whether BNET `m` can take the lean path for `x`; otherwise it runs plain `bn` then `conv`."
+    bn, conv = m.bn, m.conv
+    if type(bn) not in _plain_bns: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
+    if not (bn.training or (bn.running_mean is None and bn.running_var is None)): return False # eval: nothing to save
+    if not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad or
+                                            (conv.bias is not None and conv.bias.requires_grad)): return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return False # graphs record the plain ops
+    if torch.is_autocast_enabled(x.device.type): return False
+    return (conv.bias is not None and conv.padding_mode == 'zeros' and conv.groups == conv.in_channels == conv.out_channels
+            and all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation)
+            and tuple(conv.padding) == (conv.kernel_size[0]//2,)*m.ndim and x.dim() == m.ndim+2)
+
+def _lean_bnet(m, x):
+    "The lean path, with `_BatchNorm.forward`'s bookkeeping (`num_batches_tracked`, momentum=None cumulative average)."
+    bn = m.bn
+    bn._check_input_dim(x)
+    if bn.training: F._verify_batch_size(x.size())
+    eaf = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        eaf = 1.0/float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    keep = not bn.training or bn.track_running_stats
+    return _LeanBNETFn.apply(x, m.conv.weight, m.conv.bias, bn.running_mean if keep else None,
+                             bn.running_var if keep else None, eaf, bn.eps)
+
+# %% ../nbs/00_layers.ipynb #e4ac8e0a
 class BNET(nn.Module):
     "BatchNorm without affine, followed by a depthwise `ks`×`ks` convolution with bias (BNET-`ks`)."
     def __init__(self,
@@ -33,11 +100,14 @@ class BNET(nn.Module):
                  zero:bool=False, # Start as the zero function (kernel and bias 0), for the last norm of a residual branch
                  eps:float=1e-5, # BatchNorm's epsilon
                  momentum:float|None=0.1, # BatchNorm's running-stats momentum (`None`: cumulative average)
+                 lean:bool|None=None, # Train with the memory-lean path (keep only the input for backward); `None`: `LEAN_DEFAULT`
                 ):
         super().__init__()
         _check_ks(ks); _check_ndim(ndim)
         if not isinstance(nf, int) or nf < 1: raise ValueError(f"nf must be a positive int, got nf={nf!r}")
-        store_attr('nf,ks,ndim,zero')
+        if lean is None: lean = LEAN_DEFAULT
+        if not isinstance(lean, bool): raise ValueError(f"lean must be True, False or None, got lean={lean!r}")
+        store_attr('nf,ks,ndim,zero,lean')
         self.bn = getattr(nn, f'BatchNorm{ndim}d')(nf, eps=eps, momentum=momentum, affine=False)
         self.conv = getattr(nn, f'Conv{ndim}d')(nf, nf, ks, padding=ks//2, groups=nf, bias=True)
         self.reset_parameters()
@@ -50,12 +120,22 @@ class BNET(nn.Module):
 
     def forward(self, x):
         # BatchNorm1d also takes (N, C) input: give it a length-1 axis so the conv sees (N, C, 1).
-        if self.ndim == 1 and x.dim() == 2: return self.conv(self.bn(x)[..., None])[..., 0]
+        if self.ndim == 1 and x.dim() == 2: return self._forward(x[..., None])[..., 0]
+        return self._forward(x)
+
+    def _forward(self, x):
+        if torch.jit.is_scripting(): return self.conv(self.bn(x)) # TorchScript cannot compile the lean path's autograd.Function
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x):
+        if self.lean and _lean_applies(self, x): return _lean_bnet(self, x)
         return self.conv(self.bn(x))
 
-    def extra_repr(self): return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '')
+    def extra_repr(self):
+        return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + (', lean=True' if self.lean else '')
 
-# %% ../nbs/00_layers.ipynb #73ad5198
+# %% ../nbs/00_layers.ipynb #d0359050
 _bn_classes = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 def _bn_ndim(bn, ndim=None):

@@ -26,6 +26,7 @@ from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
+from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
 __all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'BF16', 'build_learner', 'train_run',
@@ -47,7 +48,7 @@ def _split(s) -> list: return [o.strip() for o in str(s).split(',') if o.strip()
 
 def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at='all', act='relu', opt='ranger',
                  epochs=5, lr=4e-3, bs=64, size=None, sched='flat_cos', wd=1e-2, seeds='0', mixup=0.,
-                 bf16=False, channels_last=False, workers=None) -> AttrDict:
+                 bf16=False, channels_last=False, workers=None, sync_bn=False) -> AttrDict:
     "Check every training option and return them as one config; raise a `ValueError` naming any bad value."
     _check_dataset(dataset)
     _check_choice('arch', arch, arch_registry)
@@ -65,7 +66,7 @@ def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at
     if size is None: size = 32 if dataset == 'digits' else 128
     return AttrDict(dataset=str(dataset), arch=arch, norms=norms, bnet_at=bnet_at, act=act, opt=opt, epochs=int(epochs),
                     lr=float(lr), bs=int(bs), size=int(size), sched=sched, wd=float(wd), seeds=seeds, mixup=float(mixup),
-                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers)
+                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn))
 
 # %% ../nbs/08_train.ipynb #935182de
 def get_dls(cfg:AttrDict, # From `train_config`
@@ -106,7 +107,7 @@ class EpochCheckpoint(Callback):
 
     def before_epoch(self):
         if self.epoch == self.start and self.state:
-            _set_rng_states(self.dls, self.state['rng'])
+            _set_rng_states(self.dls, rank_item(self.state.get('rank_rngs', [self.state['rng']])))
             sl = self.recorder.smooth_loss # the logged train_loss is a running average across epochs
             sl.count, sl.val = self.state['smooth_loss']
         self.t0 = time.perf_counter()
@@ -115,11 +116,12 @@ class EpochCheckpoint(Callback):
         # A finished epoch that `SkipToEpoch` skipped: give the recorder back its values
         if self.epoch < self.start: self.recorder.values[-1] = self.state['values'][self.epoch]; return
         self.epoch_times.append(time.perf_counter() - self.t0)
-        ckpt = dict(epoch=self.epoch+1, model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(),
-                    rng=_rng_states(self.dls), values=[list(v) for v in self.recorder.values],
+        rngs = gather_objects(_rng_states(self.dls)) # every rank's generators, for an exact distributed resume
+        ckpt = dict(epoch=self.epoch+1, model=unwrap(self.learn.model).state_dict(), opt=self.learn.opt.state_dict(),
+                    rng=rngs[0], rank_rngs=rngs, values=[list(v) for v in self.recorder.values],
                     smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val),
                     epoch_times=self.epoch_times)
-        _atomic_write(self.fname, lambda f: torch.save(ckpt, f))
+        if is_rank0(): _atomic_write(self.fname, lambda f: torch.save(ckpt, f))
 
 # %% ../nbs/08_train.ipynb #f1d516e4
 class RunLogger(CSVLogger):
@@ -171,8 +173,10 @@ def train_run(cfg:AttrDict, # From `train_config`
              ) -> dict:
     "Train one run (one norm, one seed) and return its final metrics; the history and checkpoints go to `run_dir`."
     run_dir, ckpt = Path(run_dir), Path(run_dir)/'checkpoint.pth'
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # left by a kill during a save
+    init_distributed() # in a launched run, before the data loaders pick their device
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # left by a kill during a save
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     set_seed(seed, reproducible=True)
     dls = get_dls(cfg, check=False)
@@ -181,9 +185,11 @@ def train_run(cfg:AttrDict, # From `train_config`
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
+    cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp] + norm_stats_cbs(run_dir.name)
     # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
-    cbs = [RunLogger('history.csv', cp.start), cp] + ([SkipToEpoch(cp.start)] if cp.start else [])
-    getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
+    if cp.start: cbs.append(SkipToEpoch(cp.start))
+    with distrib_run(learn, sync_bn=cfg.sync_bn):
+        getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
     return _final_metrics(learn, cp.epoch_times)
 
 # %% ../nbs/08_train.ipynb #871afd2e
@@ -259,19 +265,23 @@ def train(out:str|Path='runs', # Output folder
     "Train each norm in `norm` with each seed, then write `summary.md` and `curves.png`; return the table."
     cfg, out = train_config(**kwargs), Path(out)
     _check_out(out, cfg, resume)
-    get_dls(cfg, check=True) # download and check the data before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    (out/'config.json').write_text(json.dumps({k: v for k, v in cfg.items() if k != 'workers'}, indent=2))
+    init_distributed()
+    barrier() # every rank has checked --out before rank 0 writes into it
+    if is_rank0():
+        get_dls(cfg, check=True) # download and check the data before anything is written
+        out.mkdir(parents=True, exist_ok=True)
+        (out/'config.json').write_text(json.dumps({k: v for k, v in cfg.items() if k != 'workers'}, indent=2))
+    barrier() # the other ranks wait for the data
     results, runs = {n: [] for n in cfg.norms}, [(n, s) for n in cfg.norms for s in cfg.seeds]
     for i, (norm, seed) in enumerate(runs):
         rd = _run_dir(out, norm, seed)
         if resume and (rd/'metrics.json').exists(): m = json.loads((rd/'metrics.json').read_text())
         else:
-            print(f"run {i+1}/{len(runs)}: norm={norm} seed={seed} ({cfg.arch}, {cfg.dataset})", flush=True)
+            if is_rank0(): print(f"run {i+1}/{len(runs)}: norm={norm} seed={seed} ({cfg.arch}, {cfg.dataset})", flush=True)
             m = train_run(cfg, norm, seed, rd, resume=resume)
-            write_run(rd, m)
+            if is_rank0(): write_run(rd, m)
         results[norm].append(m)
-    return write_outputs(out, cfg, results)
+    return write_outputs(out, cfg, results) if is_rank0() else summary_table(results)
 
 # %% ../nbs/08_train.ipynb #4e72f63a
 @call_parse
@@ -295,10 +305,11 @@ def main(
     workers:int=None, # Data-loader worker processes (default: fastai's)
     out:str='runs', # Output folder: per-run history, checkpoints and metrics, summary.md, curves.png
     resume:bool=False, # Continue the runs in --out from their last finished epoch
+    sync_bn:bool=False, # Under a distributed launcher: synchronise BatchNorm statistics (BNET's included) across processes
 ):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds."
     try: table = train(**{k: v for k, v in locals().items()})
     except (ValueError, OSError) as e:
         print(f"bnet-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(table)
+    if is_rank0(): print(table)

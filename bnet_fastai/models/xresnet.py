@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from fastcore.meta import delegates
 from torch import nn
-from fastai.layers import ConvLayer, ResBlock, SEBlock, SEResNeXtBlock
+from fastai.layers import ConvLayer, ResBlock, SEBlock, SEResNeXtBlock, defaults
 from fastai.vision.models import xresnet as fx
 from ..layers import BNET
 from ..norms import make_norm, check_norm
+from ..activations import get_act
 
 # %% auto #0
 __all__ = ['arch_registry', 'g0', 'g1', 'g2', 'g3', 'se1', 'se2', 'se3', 'xresnet18', 'xresnet34', 'xresnet50', 'xresnet101',
@@ -60,12 +61,21 @@ class NormXResNet(fx.XResNet):
     def __init__(self, block, expansion, layers,
                  norm:str|callable|None=None, # A name from `norm_registry` or a callable; `None` keeps fastai's BatchNorm
                  bnet_at:str='all', # 'all': `norm` everywhere; 'last': `norm` only at each residual branch's last norm, BN elsewhere
+                 act_cls:str|callable=defaults.activation, # An activation class, or a name from `act_registry`
+                 stem_szs:tuple=(32,32,64), # Widths of the three stem convs; the last one is the first block's input
                  **kwargs):
         if norm is not None: check_norm(norm)
         if bnet_at not in ('all', 'last'): raise ValueError(f"unknown bnet_at={bnet_at!r}; valid choices: 'all', 'last'")
-        super().__init__(block, expansion, layers, **kwargs)
+        if len(stem_szs) != 3 or stem_szs[-1] % expansion:
+            raise ValueError(f"stem_szs={stem_szs!r} must be 3 widths, the last a multiple of expansion={expansion}")
+        self.stem_szs = tuple(stem_szs)
+        super().__init__(block, expansion, layers, act_cls=get_act(act_cls), stem_szs=stem_szs, **kwargs)
         self.norm, self.bnet_at = norm, bnet_at
         if norm not in (None, 'bn'): set_norms(self, norm, at=bnet_at)
+
+    def _make_blocks(self, layers, block_szs, sa, stride, **kwargs):
+        # fastai sizes the first block's input for a 64-wide stem; size it from the stem actually built.
+        return super()._make_blocks(layers, [self.stem_szs[-1]//self.expansion, *block_szs[1:]], sa, stride, **kwargs)
 
     def __getitem__(self, idx):
         # `nn.Sequential` slices by calling `self.__class__(modules)`, which a model class with required args cannot take.

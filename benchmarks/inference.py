@@ -1,0 +1,86 @@
+"""CPU inference throughput of BN and BNET XResNets, unfused and fused by `fuse_bnet`, at 128 px and batch 32.
+
+All variants run in one process; repeats alternate between them so that machine load affects each alike, and the
+table reports medians. Usage: `python benchmarks/inference.py [--arch xresnet50 xresnet18] [--repeats 7] [--formats nchw channels_last] [--bnet-at all]`."""
+import argparse, time, statistics
+import torch
+from torch import nn
+from fastprogress.fastprogress import progress_bar
+from bnet_fastai.models.xresnet import arch_registry
+from bnet_fastai.deploy import fuse_bnet
+
+def trained_like(model):
+    "Running statistics away from their defaults, as training would leave them (fusion must not be a no-op)."
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+def variants(arch, channels_last, bnet_at='all'):
+    "name → eval model: unfused BN, fused BN, unfused BNET, fused BNET."
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    bn, bnet = trained_like(arch_registry[arch](norm='bn')), trained_like(arch_registry[arch](norm='bnet', bnet_at=bnet_at))
+    res = {'unfused BN': bn, 'fused BN': fuse_bnet(bn)[0], 'unfused BNET': bnet, 'fused BNET': fuse_bnet(bnet)[0]}
+    return {k: v.to(memory_format=mf) for k, v in res.items()}
+
+def bench(models, x, repeats, warmup=2):
+    "Median images/s of each model, timing one batch per model per repeat, alternating models."
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(warmup): m(x)
+        for _ in progress_bar(range(repeats)):
+            for k, m in models.items():
+                t = time.perf_counter(); m(x); times[k].append(time.perf_counter() - t)
+    return {k: len(x) / statistics.median(v) for k, v in times.items()}
+
+def table(label, ips):
+    r = lambda a, b: ips[a] / ips[b]
+    rows = [f"| variant | images/s ({label}) |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ips.items()]
+    rows += ["", "| ratio | value | target |", "|---|---|---|",
+             f"| fused BNET / fused BN | {r('fused BNET', 'fused BN'):.3f} | ≥ 0.90 |",
+             f"| fused BNET / unfused BNET | {r('fused BNET', 'unfused BNET'):.3f} | ≥ 1.20 |",
+             f"| fused BN / unfused BN | {r('fused BN', 'unfused BN'):.3f} | |",
+             f"| unfused BNET / unfused BN | {r('unfused BNET', 'unfused BN'):.3f} | |"]
+    return '\n'.join(rows)
+
+def plot(results, fname):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(next(iter(results.values())))
+    w = 0.8 / len(results)
+    for i, (label, ips) in enumerate(results.items()):
+        ax.bar([j + i * w for j in range(len(names))], [ips[n] for n in names], w, label=label)
+    ax.set_xticks([j + w * (len(results) - 1) / 2 for j in range(len(names))], names)
+    ax.set_ylabel('images/s (CPU, batch 32, 128 px)'); ax.legend(); fig.tight_layout(); fig.savefig(fname, dpi=120)
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--arch', nargs='+', default=['xresnet50'], help='names from arch_registry')
+    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--bs', type=int, default=32)
+    p.add_argument('--size', type=int, default=128)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--formats', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
+    p.add_argument('--bnet-at', default='all', choices=['all', 'last'], help="BNET placement: every norm, or residual-last only")
+    p.add_argument('--png', default='benchmarks/inference.png')
+    a = p.parse_args()
+    torch.manual_seed(0); torch.set_num_threads(a.threads)
+    for arch in a.arch:
+        if arch not in arch_registry: raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(arch_registry)}")
+    results = {}
+    for arch in a.arch:
+        for fmt in a.formats:
+            cl = fmt == 'channels_last'
+            x = torch.randn(a.bs, 3, a.size, a.size).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            ips = bench(variants(arch, cl, a.bnet_at), x, a.repeats)
+            label = f"{arch}, {fmt}, BNET at {a.bnet_at}"
+            results[label] = ips
+            print(f"\n{table(label, ips)}\n", flush=True)
+    if a.png: plot(results, a.png); print(f"plot: {a.png}")
+
+if __name__ == '__main__': main()

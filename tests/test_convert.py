@@ -1,0 +1,96 @@
+"convert_to_bnet keeps the function of fastai, torchvision and timm models, and of a fastai vision_learner."
+import pytest, torch, timm, torchvision
+import torch.nn.functional as F
+from torch import nn
+from copy import deepcopy
+from fastai.vision.all import vision_learner, resnet34, accuracy, CrossEntropyLossFlat
+from fastai.vision.models import xresnet as fx
+from bnet_fastai.layers import BNET
+from bnet_fastai.convert import convert_to_bnet, branch_last_norms
+from _digits import digits_dls
+
+def randomise_norms(model, x, seed=0):
+    "Trained-looking BatchNorms: random affines (small γ ending residual branches, as training leaves them), running stats from data."
+    g = torch.Generator().manual_seed(seed)
+    last = {id(m) for m in branch_last_norms(model)}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            c = m.num_features
+            m.weight.copy_((torch.rand(c, generator=g) + 0.5) * (0.2 if id(m) in last else 1.))
+            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+            m.reset_running_stats(); m.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for xb in x.split(len(x) // 2): model(xb)
+        for m in bns: m.momentum = 0.1
+    return model.eval()
+
+def n_bn(model): return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(p, BNET)
+                            for p in model.modules() for m in p.children())
+
+def _fwd(model, x, train, seed=1):
+    model.train(train); torch.manual_seed(seed)  # the same dropout masks for both models
+    with torch.no_grad(): return model(x)
+
+def check_same_function(orig, new, x, atol=1e-5):
+    """`new` computes what `orig` computes, in eval and train mode.
+    float64: equal to 1e-10, so the maths is the same. float32: within `atol`, or, where larger, within the two
+    models' own float32 rounding errors added up (each one's distance from its float64 self): two float32 evaluations
+    of one exact function cannot be asked to agree more closely than that."""
+    o64, n64 = deepcopy(orig).double(), deepcopy(new).double()
+    for train in (False, True):
+        y64 = _fwd(o64, x.double(), train)
+        n64y = _fwd(n64, x.double(), train)
+        torch.testing.assert_close(n64y, y64, atol=1e-10, rtol=0)
+        yo, yn = _fwd(orig, x, train), _fwd(new, x, train)
+        assert yo.abs().max() < 50  # a realistic output scale, not a blown-up network
+        own = (yo.double() - y64).abs().max().item() + (yn.double() - n64y).abs().max().item()
+        torch.testing.assert_close(yn, yo, atol=max(atol, own), rtol=0)
+    for name, m in new.named_modules():  # running stats moved the same way
+        if isinstance(m, BNET): torch.testing.assert_close(m.bn.running_var, orig.get_submodule(name).running_var)
+
+models = dict(fastai_xresnet50=lambda: fx.xresnet50(n_out=10),
+              torchvision_resnet18=lambda: torchvision.models.resnet18(weights=None),
+              timm_resnet26d=lambda: timm.create_model('resnet26d', pretrained=False))
+
+@pytest.mark.parametrize('name,at', [('fastai_xresnet50', 'all'), ('torchvision_resnet18', 'all'), ('timm_resnet26d', 'all'),
+                                     ('fastai_xresnet50', 'last'), ('torchvision_resnet18', 'last')])
+def test_convert_keeps_function(name, at):
+    make = models[name]
+    x = torch.randn(8, 3, 48, 48)
+    orig = randomise_norms(make(), x)
+    nbn = n_bn(orig)
+    new, rep = convert_to_bnet(orig, at=at)
+    n_last = len(branch_last_norms(orig))
+    bnets = [m for m in new.modules() if isinstance(m, BNET)]
+    assert len(bnets) == rep.n_converted == (nbn if at == 'all' else n_last)
+    assert n_bn(new) == nbn - rep.n_converted and not rep.left
+    assert rep.params_added == sum(b.nf * (b.ks**2 - 1) for b in bnets)
+    assert n_bn(orig) == nbn  # the original is untouched
+    check_same_function(orig, new, x[:4])
+
+@pytest.mark.slow
+def test_vision_learner_convert_split_and_fit():
+    dls = digits_dls(size=32, n=900, bs=64, n_valid=200)
+    learn = vision_learner(dls, resnet34, pretrained=False, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    xb, _ = dls.one_batch()
+    randomise_norms(learn.model, xb)
+    orig = learn.model
+    learn.model, rep = convert_to_bnet(learn.model)
+    assert rep.n_converted == n_bn(orig) and n_bn(learn.model) == 0  # head BatchNorm1d included
+    check_same_function(orig, learn.model, F.interpolate(xb[:16], size=64, mode='bilinear'))
+    # fastai's splitter still finds body and head, and covers every parameter once.
+    groups = learn.splitter(learn.model)
+    assert len(groups) == 3
+    ps = [p for g in groups for p in g]
+    assert len(ps) == len(list(learn.model.parameters())) and len({id(p) for p in ps}) == len(ps)
+    assert all(any(isinstance(m, BNET) for m in g.modules()) for g in (learn.model[0][:6], learn.model[0][6:], learn.model[1:]))
+    # Frozen: the body's convs stop training but its BNETs, as norms, keep training.
+    learn.freeze()
+    body = learn.model[0]
+    assert not body[0].weight.requires_grad
+    assert all(p.requires_grad for m in body.modules() if isinstance(m, BNET) for p in m.parameters())
+    learn.unfreeze()
+    learn.fit_one_cycle(1, 1e-3)
+    loss = learn.recorder.values[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss)

@@ -1,0 +1,134 @@
+"fuse_bnet, TorchScript/ONNX export, learner export, bf16 training, channels_last and torch.compile for BNET models."
+import pytest, torch, torchvision
+from torch import nn
+from copy import deepcopy
+from fastai.vision.all import Learner, CrossEntropyLossFlat, load_learner
+from bnet_fastai.layers import BNET
+from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
+from bnet_fastai.deploy import fuse_bnet, export_onnx, DeviceMixedPrecision
+from _digits import digits_dls
+
+_bn = nn.modules.batchnorm._BatchNorm
+
+def trained_like(model, seed=0):
+    "Random running stats and BNET kernels, as training would leave them (fresh ones would make folding trivial)."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _bn):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine: m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5); m.bias.normal_(0, 0.1, generator=g)
+            if isinstance(m, BNET):
+                m.conv.weight.add_(torch.randn(m.conv.weight.shape, generator=g) * 0.05); m.conv.bias.normal_(0, 0.1, generator=g)
+    return model.eval()
+
+def rel_err(a, b): return ((a - b).abs().max() / b.abs().max()).item()
+
+def n_bn(model): return sum(isinstance(m, _bn) for m in model.modules())
+
+def test_fuse_xresnet50_bnet():
+    m = trained_like(xresnet50(norm='bnet', n_out=10))
+    x = torch.randn(2, 3, 32, 32)
+    nb = sum(isinstance(l, BNET) for l in m.modules())  # stem 3, 16 blocks × 3, 4 shortcut convs: 55
+    f, rep = fuse_bnet(m)
+    assert len(rep.folded) == nb == 55 and not rep.left and all(k == 'BNET' for *_, k in rep.folded)
+    assert n_bn(f) == 0 and n_bn(m) == nb  # every norm followed a conv directly; the original is untouched
+    assert sum(isinstance(l, BNET) for l in f.modules()) == 0
+    with torch.no_grad(): assert rel_err(f(x), m(x)) < 1e-4
+
+def test_fuse_refuses_training_mode():
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"): fuse_bnet(xresnet18(norm='bnet'))
+
+@pytest.mark.parametrize('make', [lambda: xresnet18(n_out=10), lambda: torchvision.models.resnet18(weights=None)], ids=['fastai_bn', 'torchvision_bn'])
+def test_fuse_plain_bn(make):
+    "Plain conv→BN pairs fold too, both in fastai's Sequential layers and in torchvision's attribute-style blocks."
+    m = trained_like(make())
+    nb = n_bn(m)
+    f, rep = fuse_bnet(m)
+    assert len(rep.folded) == nb and n_bn(f) == 0 and not rep.left
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert rel_err(f(x), m(x)) < 1e-4
+
+def test_fuse_leaves_shared_conv_output():
+    "A conv whose output also feeds a skip is not folded (the skip would change); the report says so."
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__(); self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), BNET(4)
+        def forward(self, x): y = self.conv(x); return self.norm(y) + y
+    m = trained_like(Skip())
+    f, rep = fuse_bnet(m)
+    assert not rep.folded and rep.left[0][0] == 'norm' and 'also feeds' in rep.left[0][1]
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(f(x), m(x))
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fused', [False, True], ids=['unfused', 'fused'])
+def test_torchscript_and_onnx_xse_resnet50(fused, tmp_path):
+    import onnxruntime as ort
+    m = trained_like(xse_resnet50(norm='bnet', n_out=10))
+    if fused: m = fuse_bnet(m)[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        ts = torch.jit.trace(m, x, check_trace=False)
+        torch.testing.assert_close(ts(x), ref, atol=1e-4, rtol=1e-4)
+    fname = export_onnx(m, x, tmp_path / 'model.onnx', check=False)
+    sess = ort.InferenceSession(str(fname), providers=['CPUExecutionProvider'])
+    x2 = torch.randn(3, 3, 32, 32)  # another batch size: the batch axis is dynamic
+    for xb in (x, x2):
+        got = torch.from_numpy(sess.run(None, {'input': xb.numpy()})[0])
+        with torch.no_grad(): torch.testing.assert_close(got, m(xb), atol=1e-4, rtol=1e-4)
+
+@pytest.mark.parametrize('fused', [False, True], ids=['unfused', 'fused'])
+def test_torchscript_script_bnet(fused):
+    "`torch.jit.script` (not just trace) compiles BNET models; fastai's SE blocks are not scriptable, so plain XResNet."
+    m = trained_like(xresnet18(norm='bnet', n_out=10))
+    if fused: m = fuse_bnet(m)[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(torch.jit.script(m)(x), m(x), atol=1e-4, rtol=1e-4)
+
+def test_learner_export_roundtrip(tmp_path):
+    dls = digits_dls(size=16, n=200, bs=32, n_valid=64)
+    learn = Learner(dls, trained_like(xresnet18(norm='bnet', n_out=10)), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    learn.export('bnet.pkl')
+    learn2 = load_learner(tmp_path / 'bnet.pkl')
+    assert sum(isinstance(m, BNET) for m in learn2.model.modules()) == sum(isinstance(m, BNET) for m in learn.model.modules()) > 0
+    xb = dls.one_batch()[0]
+    learn.model.eval(); learn2.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(learn2.model(xb), learn.model(xb), atol=0, rtol=0)
+
+@pytest.mark.slow
+def test_bf16_autocast_training_digits():
+    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)  # native 8×8: bf16 convolutions are slow on CPUs without bf16 units
+    learn = Learner(dls, xresnet18(norm='bnet', n_out=10), loss_func=CrossEntropyLossFlat(), cbs=DeviceMixedPrecision('bf16'))
+    seen = set()
+    bnet = next(m for m in learn.model.modules() if isinstance(m, BNET))
+    h = bnet.conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+    before = learn.validate()[0]
+    learn.fit_one_cycle(1, 3e-3)
+    h.remove()
+    losses = torch.stack(learn.recorder.losses)
+    after = learn.validate()[0]
+    assert seen == {torch.bfloat16}  # training really ran under bf16 autocast
+    assert torch.isfinite(losses).all() and after < before and losses[-5:].mean() < losses[:5].mean()
+
+def test_channels_last_and_half():
+    m = trained_like(xresnet18(norm='bnet', n_out=10))
+    f = fuse_bnet(m)[0]
+    x = torch.randn(2, 3, 16, 16)
+    cl = torch.channels_last
+    with torch.no_grad():
+        ref = m(x)
+        for model in (m, f):
+            assert rel_err(deepcopy(model).to(memory_format=cl)(x.to(memory_format=cl)), ref) < 1e-4
+            # Half precision keeps 8 (bf16) or 11 (fp16) mantissa bits: within a few percent of fp32.
+            assert rel_err(deepcopy(model).bfloat16()(x.bfloat16()).float(), ref) < 5e-2
+            assert rel_err(deepcopy(model).half()(x.half()).float(), ref) < 1e-2
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    "Compiled with the inductor (CPU: C++ via gcc). A small model at a small input keeps compile time down on 2 cores."
+    m = trained_like(xresnet18(norm='bnet', n_out=10))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(torch.compile(m)(x), m(x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,111 @@
+"`bnet-train` in 2 CPU processes (gloo, loopback): SyncBatchNorm, rank-0-only outputs, whole-set metrics, kill and resume."
+import os, signal, subprocess, time
+from pathlib import Path
+import pandas as pd, psutil, pytest, torch
+from torch import nn
+from bnet_fastai.distributed import launch_cmd, NORM_STATS_ENV, CPUSyncBatchNorm
+from bnet_fastai.data import digits_dls
+from bnet_fastai.models.xresnet import xresnet18
+
+ROOT = Path(__file__).resolve().parents[1]
+CMD = ['-m', 'bnet_fastai.train', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--epochs', '1']
+pytestmark = pytest.mark.slow
+
+def _env(stats_dir=None) -> dict:
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    if stats_dir: env[NORM_STATS_ENV] = str(stats_dir)
+    return env
+
+def _launch(args, stats_dir=None, timeout=400) -> subprocess.CompletedProcess:
+    "Run `args` in 2 processes; torchrun exits 0 only if every rank did."
+    return subprocess.run(launch_cmd(2, *args), env=_env(stats_dir), capture_output=True, text=True, timeout=timeout)
+
+def _files(d:Path) -> list: return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
+
+def _valid_eval(ckpt:Path):
+    "Accuracy and loss of the checkpoint's model on the whole digits validation set, in this one process."
+    model = xresnet18(n_out=10, norm='bnet').eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=False)['model'])
+    correct, loss, n = 0, 0., 0
+    with torch.no_grad():
+        for xb, yb in digits_dls(32, 64).valid:
+            xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)
+            p = model(xb)
+            correct += (p.argmax(1) == yb).sum().item(); loss += nn.functional.cross_entropy(p, yb, reduction='sum').item(); n += len(yb)
+    return correct, loss / n, n
+
+@pytest.fixture(scope='module')
+def sync_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp('sync')
+    res = _launch(CMD + ['--sync-bn', '--out', str(d/'out')], stats_dir=d/'stats')
+    assert res.returncode == 0, res.stderr[-3000:]
+    return d/'out', d/'stats', res
+
+def _stats(stats_dir:Path):
+    return [torch.load(stats_dir/f'bnet_s0_rank{r}.pt') for r in (0, 1)]
+
+def test_sync_bn_run_both_ranks_finish(sync_run):
+    out, stats_dir, res = sync_run
+    # Each rank saved its statistics after training, and torchrun returned 0: both ranks exited 0
+    test_names = sorted(p.name for p in stats_dir.iterdir())
+    assert test_names == ['bnet_s0_rank0.pt', 'bnet_s0_rank1.pt']
+    assert res.stdout.count('| bnet | 1 |') == 1 # the table is printed once, by rank 0
+
+def test_one_log_one_set_of_checkpoints(sync_run):
+    out, _, _ = sync_run
+    assert _files(out) == ['bnet_s0/checkpoint.pth', 'bnet_s0/history.csv', 'bnet_s0/metrics.json',
+                           'config.json', 'curves.png', 'summary.md']
+    h = pd.read_csv(out/'bnet_s0'/'history.csv')
+    assert list(h.epoch) == [0] # one writer: one header, one row
+    assert torch.load(out/'bnet_s0'/'checkpoint.pth', weights_only=False)['epoch'] == 1
+
+def test_sync_bn_running_stats_identical_across_ranks(sync_run):
+    s0, s1 = _stats(sync_run[1])
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in xresnet18(n_out=10, norm='bnet').modules())
+    assert list(s0['types'].values()) == [CPUSyncBatchNorm.__name__] * n_bn # BNET's inner BatchNorms included
+    assert s0['stats'].keys() == s1['stats'].keys() and len(s0['stats']) == 3 * n_bn
+    for k, v in s0['stats'].items(): assert torch.equal(v, s1['stats'][k]), k
+    assert all(v.item() > 0 for k, v in s0['stats'].items() if k.endswith('num_batches_tracked'))
+
+def test_valid_metrics_cover_every_item_once(sync_run):
+    "The logged metrics equal a one-process evaluation of the final weights on all 359 items (fastai's padding makes 360)."
+    out = sync_run[0]
+    h = pd.read_csv(out/'bnet_s0'/'history.csv').iloc[-1]
+    correct, loss, n = _valid_eval(out/'bnet_s0'/'checkpoint.pth')
+    assert n == 359
+    assert h.accuracy == pytest.approx(correct / n, abs=1e-6)
+    assert h.valid_loss == pytest.approx(loss, rel=1e-4)
+
+def test_without_sync_bn(tmp_path):
+    res = _launch(CMD + ['--out', str(tmp_path/'out')], stats_dir=tmp_path/'stats')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _files(tmp_path/'out')[:2] == ['bnet_s0/checkpoint.pth', 'bnet_s0/history.csv']
+    s0, s1 = _stats(tmp_path/'stats')
+    assert set(s0['types'].values()) == {'BatchNorm2d'}
+    # Without synchronisation the last step's local statistics leave the ranks apart
+    assert any(not torch.equal(v, s1['stats'][k]) for k, v in s0['stats'].items() if 'running' in k)
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    out, ckpt = tmp_path/'out', tmp_path/'out'/'bnet_s0'/'checkpoint.pth'
+    args = CMD[:-1] + ['2', '--size', '16', '--sync-bn', '--out', str(out)]
+    with open(tmp_path/'log', 'w') as log:
+        p = subprocess.Popen(launch_cmd(2, *args), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while not ckpt.exists():
+            assert p.poll() is None and time.time() - t0 < 400, (tmp_path/'log').read_text()[-3000:]
+            time.sleep(0.2)
+        procs = psutil.Process(p.pid).children(recursive=True) # the two ranks run in their own sessions
+        assert len(procs) >= 2
+        for q in procs + [psutil.Process(p.pid)]: q.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    state = torch.load(ckpt, weights_only=False)
+    assert state['epoch'] == 1 # killed during the second epoch
+    first = pd.read_csv(out/'bnet_s0'/'history.csv')
+    assert list(first.epoch) == [0]
+    res = _launch(args + ['--resume'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    h = pd.read_csv(out/'bnet_s0'/'history.csv')
+    assert list(h.epoch) == [0, 1]
+    pd.testing.assert_series_equal(h.iloc[0].drop('time'), first.iloc[0].drop('time'))
+    assert torch.load(ckpt, weights_only=False)['epoch'] == 2
+    assert (out/'bnet_s0'/'metrics.json').exists() and (out/'summary.md').exists()

@@ -1,0 +1,173 @@
+"""The built docs site, as a reader sees it in headless Chromium.
+
+Needs the site built (`bnet-docs`) and Debian's `chromium` and `chromium-driver`; `.ci/run` provides all three.
+The test installs nothing: it serves docs/_site/ on 127.0.0.1 and drives the browser through chromedriver."""
+import http.server, inspect, json, re, shutil, subprocess, sys, threading, time, uuid
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit, urldefrag
+from urllib.request import urlopen
+import pytest
+from fastcore.docments import docments
+from nbdev.config import get_config
+from bnet_fastai.docs import doc_nbs, page_name
+from bnet_fastai.layers import BNET
+
+root = Path(__file__).resolve().parents[1]
+site_dir = root/'docs'/'_site'
+artifacts = root/'test_artifacts'
+chrome_flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                '--disable-component-update', '--disable-sync', '--no-first-run']
+
+def _exe(name):
+    p = shutil.which(name)
+    if not p: pytest.fail(f"`{name}` not found: install Debian's chromium and chromium-driver (.ci/run does)")
+    return p
+
+@contextmanager
+def serve(folder):
+    "Serve `folder` on 127.0.0.1 (a free port) in a thread; `.log` lists `(path, status)` of every request."
+    log = []
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_request(self, code='-', size='-'): log.append((self.path, int(code)))
+        def log_message(self, *args): pass
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), partial(Handler, directory=str(folder)))
+    th = threading.Thread(target=srv.serve_forever, daemon=True); th.start()
+    srv.url, srv.log = f'http://127.0.0.1:{srv.server_address[1]}/', log
+    try: yield srv
+    finally: srv.shutdown(); srv.server_close()
+
+@pytest.fixture(scope='module')
+def site():
+    if not (site_dir/'index.html').exists(): pytest.fail("docs/_site/ is not built: run `bnet-docs` first (.ci/run does)")
+    with serve(site_dir) as srv: yield srv
+
+@pytest.fixture(scope='module')
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _exe('chromium')
+    for f in chrome_flags + [f'--user-data-dir={tmp_path_factory.mktemp("chromium-profile")}', '--window-size=1280,1400']:
+        opts.add_argument(f)
+    drv = webdriver.Chrome(options=opts, service=Service(_exe('chromedriver')))
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+def _open(drv, url):
+    drv.get(url)
+    for _ in range(100):
+        if drv.execute_script('return document.readyState') == 'complete': return
+        time.sleep(0.05)
+
+def _pages():
+    cfg = get_config(root)
+    return [page_name(p, cfg.nbs_path) for _,p in doc_nbs(cfg)]
+
+def test_index_page(site, browser):
+    from selenium.webdriver.common.by import By
+    from bnet_fastai.models.xresnet import xresnet50
+    _open(browser, site.url + 'index.html')
+    assert browser.find_element(By.TAG_NAME, 'h1').text.strip() == get_config(root).title
+    nav = {urlsplit(a.get_attribute('href')).path.strip('/') for a in browser.find_elements(By.CSS_SELECTOR, '.sidebar-tree a')}
+    assert nav == {f'{p}.html' for p in _pages() if p != 'index'}, 'the navigation lists every page'
+    # The quick start's output is on the page: the number of BNET layers in xresnet50(norm='bnet').
+    n = sum(isinstance(m, BNET) for m in xresnet50(n_out=10, norm='bnet').modules())
+    outs = [e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, '.cell_output') if e.is_displayed()]
+    assert str(n) in outs
+
+def _shown_signature(txt):
+    "`(name, default or None, comment)` per parameter line of show_doc's signature block."
+    return re.findall(r'^\s+(\w+)(?::[^=#\n]+?)?(?:=([^#\n]+?))?,?\s*#\s*(.+?)\s*$', txt, re.M)
+
+def test_bnet_api_page(site, browser):
+    from selenium.webdriver.common.by import By
+    _open(browser, site.url + 'layers.html')
+    sig = next(e for e in browser.find_elements(By.CSS_SELECTOR, 'pre') if e.text.startswith('def BNET('))
+    assert sig.is_displayed()
+    assert browser.execute_script('return arguments[0].scrollWidth <= arguments[0].clientWidth', sig), \
+        'the whole signature, descriptions included, is in view without scrolling'
+    params = _shown_signature(sig.text)
+    shown = 'BNET(' + ', '.join(n if d == '' else f'{n}={d}' for n,d,_ in params) + ')'
+    # The page must agree with the class itself: its signature, and its docments as parameter descriptions.
+    sig_params = inspect.signature(BNET).parameters.values()
+    expected = 'BNET(' + ', '.join(p.name if p.default is p.empty else f'{p.name}={p.default!r}' for p in sig_params) + ')'
+    assert shown.startswith('BNET(nf, ks=3, ndim=2, zero=False, ')
+    assert shown == expected
+    assert {n: c for n,_,c in params} == {k: v for k,v in docments(BNET).items() if k != 'return' and v}
+    body = browser.find_element(By.TAG_NAME, 'body').text
+    assert BNET.__doc__.replace('`', '') in body, 'the docstring is visible'
+    heading = browser.find_element(By.ID, 'bnet')
+    browser.execute_script('arguments[0].scrollIntoView()', heading)
+    artifacts.mkdir(exist_ok=True)
+    png = artifacts/'bnet_page.png'
+    assert browser.save_screenshot(str(png))
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
+
+_links_js = """return [Array.from(document.querySelectorAll('a[href]')).map(a => a.href),
+                       Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])]"""
+
+def test_crawl_links_and_images(site, browser):
+    "Every page reachable from the index: internal links resolve, every image loads, no request gets an error."
+    todo, seen, assets, bad_imgs, n_imgs = [site.url + 'index.html'], set(), set(), [], 0
+    while todo:
+        url = todo.pop()
+        if url in seen: continue
+        seen.add(url)
+        _open(browser, url)
+        links, imgs = browser.execute_script(_links_js)
+        n_imgs += len(imgs)
+        bad_imgs += [(url, src) for src,ok in imgs if not ok]
+        for href in links:
+            href = urldefrag(href)[0]
+            if not href.startswith(site.url): continue
+            if href.endswith('.html') or href.endswith('/'): todo.append(href)
+            else: assets.add(href)
+    for a in sorted(assets): urlopen(a).read()  # raises on 404
+    errors = [(p, c) for p,c in site.log if c >= 400]
+    assert not errors, f'requests that failed: {errors}'
+    assert not bad_imgs, f'images that did not load: {bad_imgs}'
+    visited = {urlsplit(u).path.strip('/') or 'index.html' for u in seen}
+    print(f'crawled {len(seen)} pages, {len(assets)} other files, {n_imgs} images')
+    assert {f'{p}.html' for p in _pages()} <= visited, 'every notebook page is reachable'
+
+def _experiment_pages():
+    cfg = get_config(root)
+    return [page_name(p, cfg.nbs_path) for _,p in doc_nbs(cfg) if 'experiment' in p.name]
+
+def test_experiment_page(site, browser):
+    "Each experiment page shows its results table and its curves image."
+    from selenium.webdriver.common.by import By
+    pages = _experiment_pages()
+    if not pages: pytest.skip('no experiment notebook in nbs/')
+    for p in pages:
+        _open(browser, site.url + f'{p}.html')
+        tables = [t for t in browser.find_elements(By.CSS_SELECTOR, 'article table') if t.is_displayed()]
+        assert any(len(t.find_elements(By.TAG_NAME, 'tr')) >= 3 for t in tables), f'{p}: no results table'
+        imgs = browser.execute_script(
+            "return Array.from(document.querySelectorAll('article img')).map(i => i.complete && i.naturalWidth > 100)")
+        assert any(imgs), f'{p}: no plot image shown'
+
+def test_docstring_edit_changes_page(tmp_path, browser):
+    "On a copy of the project: change BNET's docstring in its notebook, rebuild, and the page shows the new one."
+    from selenium.webdriver.common.by import By
+    for d in ('nbs', 'bnet_fastai'): shutil.copytree(root/d, tmp_path/d, ignore=shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints'))
+    shutil.copytree(root/'docs', tmp_path/'docs', ignore=shutil.ignore_patterns('_site', 'src', 'doctrees'))  # keep the run cache
+    shutil.copy(root/'pyproject.toml', tmp_path)
+    old, new = BNET.__doc__, f'BNET with a docstring edited by the site test {uuid.uuid4().hex[:8]}.'
+    nb_path = tmp_path/'nbs'/'00_layers.ipynb'
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb['cells'] if 'class BNET(' in ''.join(c['source']))
+    cell['source'] = ''.join(cell['source']).replace(f'"{old}"', f'"{new}"')
+    assert new in cell['source']
+    nb_path.write_text(json.dumps(nb, indent=1))
+    env = {**__import__('os').environ, 'PYTHONPATH': str(tmp_path)}
+    res = subprocess.run([sys.executable, '-c', 'from bnet_fastai.docs import build_docs; build_docs()'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with serve(tmp_path/'docs'/'_site') as srv:
+        _open(browser, srv.url + 'layers.html')
+        body = browser.find_element(By.TAG_NAME, 'body').text
+    assert new in body and old.replace('`', '') not in body

@@ -1,0 +1,258 @@
+"Acceptance tests for `bnet_fastai.optimizers`: the wrapping keeps pytorch_optimizer's maths, fastai schedules it, weight decay skips norms and biases."
+import math, copy, pytest, torch
+import torch.nn.functional as F
+from torch import nn
+import pytorch_optimizer as po
+import bnet_fastai
+from bnet_fastai.layers import BNET
+from bnet_fastai.models.xresnet import xresnet18
+from bnet_fastai.optimizers import *
+from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastai.metrics import accuracy
+import fastai.callback.schedule
+
+# ---- fixtures -----------------------------------------------------------------------------------------------
+
+def tiny_net():
+    "Convs, a BNET, a BatchNorm, a LayerNorm and a linear head: every kind of parameter the wd rules distinguish."
+    # No conv bias before a norm: its gradient is rounding noise, which adaptive optimizers amplify into O(lr) steps.
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BNET(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3))
+
+def tiny_batches(n=10, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n*bs, 3, 6, 6, generator=g); ys = torch.randint(0, 3, (n*bs,), generator=g)
+    return xs, ys
+
+def tiny_dls(xs, ys, bs=8):
+    ds = list(zip(xs, ys))
+    return DataLoaders(DataLoader(ds, bs=bs, shuffle=False), DataLoader(ds[:bs], bs=bs))
+
+def no_decay_names(model):
+    "Written out independently of fastai: every parameter of a norm layer (a BNET as a whole) and every bias."
+    res = {k for k, _ in model.named_parameters() if k.endswith('bias')}
+    for mn, m in model.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, BNET)): res |= {f'{mn}.{pn}' for pn, _ in m.named_parameters()}
+    return res
+
+def one_cycle(pct, lo, hi, end):
+    "fastai's one-cycle curve written out: cosine lo→hi over the first 25%, then cosine hi→end."
+    cos = lambda a, b, t: a + (1 + math.cos(math.pi*(1 - t))) * (b - a) / 2
+    return cos(lo, hi, pct/0.25) if pct < 0.25 else cos(hi, end, (pct - 0.25)/0.75)
+
+def lr_at(i, n, lr_max): return one_cycle(i/n, lr_max/25, lr_max, lr_max/1e5)
+def mom_at(i, n): return one_cycle(i/n, 0.95, 0.85, 0.95)
+
+class SeedBeforeStep(Callback):
+    "AdaHessian draws Rademacher probes inside `step`: seed them the same way in both runs."
+    order = 100
+    def before_step(self): torch.manual_seed(1000 + self.learn.iter)
+
+# The same configurations, spelled out with pytorch_optimizer alone: (opt_func, build(groups, lr, mom, sqr_mom, wd) -> optimizer)
+WD = 0.1
+REFS = {
+    'ranger':      (ranger,      lambda gs: po.Ranger(gs, lr=1., betas=(0.95, 0.999), alpha=0.5, k=6, eps=1e-5, use_gc=True, degenerated_to_sgd=True)),
+    'ralamb':      (ralamb,      lambda gs: po.Lamb(gs, lr=1., betas=(0.9, 0.999), eps=1e-8, rectify=True, degenerated_to_sgd=True,
+                                                    grad_averaging=True, weight_decouple=True, adam=False, pre_norm=False)),
+    'ranger_lars': (ranger_lars, lambda gs: po.Lookahead(po.Lamb(gs, lr=1., betas=(0.9, 0.999), eps=1e-8, rectify=True, degenerated_to_sgd=True,
+                                                                 grad_averaging=True, weight_decouple=True, adam=False, pre_norm=False), k=6, alpha=0.5)),
+    'adahessian':  (adahessian,  lambda gs: po.AdaHessian(gs, lr=1., betas=(0.9, 0.999), eps=1e-4, hessian_power=1., hessian_distribution='rademacher')),
+    'adamod':      (adamod,      lambda gs: po.AdaMod(gs, lr=1., betas=(0.9, 0.999, 0.999), eps=1e-8)),
+    'diffgrad':    (diffgrad,    lambda gs: po.DiffGrad(gs, lr=1., betas=(0.9, 0.999), eps=1e-8)),
+    'novograd':    (novograd,    lambda gs: po.NovoGrad(gs, lr=1., betas=(0.95, 0.98), eps=1e-8)),
+    'lookahead(adamod)': (lookahead(adamod, k=3, alpha=0.6),
+                          lambda gs: po.Lookahead(po.AdaMod(gs, lr=1., betas=(0.9, 0.999, 0.999), eps=1e-8), k=3, alpha=0.6)),
+}
+
+# ---- equivalence ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', list(REFS))
+def test_equivalence_with_pytorch_optimizer(name):
+    opt_func, build = REFS[name]
+    n, lr_max = 10, 1e-2
+    xs, ys = tiny_batches(n)
+    torch.manual_seed(0); net = tiny_net(); ref = copy.deepcopy(net); init = copy.deepcopy(net.state_dict())
+
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, cbs=SeedBeforeStep())
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr_max)
+
+    # By hand: decayed and undecayed groups in model order, fastai's schedule written out above.
+    nd = no_decay_names(ref)
+    named = list(ref.named_parameters())
+    groups = [{'params': [p for k, p in named if k not in nd], 'weight_decay': WD},
+              {'params': [p for k, p in named if k in nd], 'weight_decay': 0.}]
+    opt = build(groups)
+    ref.train()
+    hessian = name == 'adahessian'
+    for i in range(n):
+        for g in opt.param_groups:
+            g['lr'] = lr_at(i, n, lr_max); g['betas'] = (mom_at(i, n), *g['betas'][1:])
+        loss = F.cross_entropy(ref(xs[i*8:(i+1)*8]), ys[i*8:(i+1)*8])
+        loss.backward(create_graph=hessian)
+        torch.manual_seed(1000 + i)
+        opt.step(); opt.zero_grad(set_to_none=True)
+
+    got, want = dict(net.named_parameters()), dict(ref.named_parameters())
+    diffs = {k: (got[k] - want[k]).abs().max().item() for k in want}
+    assert max(diffs.values()) <= 1e-6, f'{name}: {diffs}'
+    # and the run really moved the weights
+    assert not torch.equal(want['0.weight'], init['0.weight'])
+
+# ---- scheduling -----------------------------------------------------------------------------------------------
+
+class RecordPG(Callback):
+    "What the underlying pytorch param groups hold when the step runs."
+    order = 100
+    def before_fit(self): self.lrs, self.moms = [], []
+    def before_step(self):
+        pgs = self.learn.opt.opt.param_groups
+        self.lrs.append([g['lr'] for g in pgs]); self.moms.append([g['betas'][0] for g in pgs])
+
+@pytest.mark.parametrize('name', list(opt_registry))
+def test_one_cycle_schedules_lr_and_mom(name):
+    n = 10
+    xs, ys = tiny_batches(n)
+    rec = RecordPG()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=rec)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
+    assert len(rec.lrs) == n
+    for i, (lrs, moms) in enumerate(zip(rec.lrs, rec.moms)):
+        assert len(lrs) == 2 # decayed and undecayed groups, scheduled alike
+        for lr in lrs: assert lr == pytest.approx(lr_at(i, n, 1e-2), rel=1e-6)
+        for m in moms: assert m == pytest.approx(mom_at(i, n), rel=1e-6)
+    lr0 = [l[0] for l in rec.lrs]; m0 = [m[0] for m in rec.moms]
+    peak = lr0.index(max(lr0))
+    assert 0 < peak < n-1 and lr0[0] < lr0[peak] > lr0[-1]
+    assert m0[0] == pytest.approx(0.95) and min(m0) == pytest.approx(0.85, abs=5e-3) and m0[-1] > min(m0)
+
+def test_flat_cos_and_sqr_mom():
+    xs, ys = tiny_batches(10)
+    rec = RecordPG()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=ranger, cbs=rec)
+    with learn.no_bar(), learn.no_logging(): learn.fit_flat_cos(1, 1e-2)
+    lr0 = [l[0] for l in rec.lrs]
+    assert lr0[:7] == pytest.approx([1e-2]*7) and lr0[-1] < 1e-2
+    # sqr_mom is betas[1], and Ranger's lookahead alpha keeps its own name
+    learn.opt.set_hyper('sqr_mom', 0.98)
+    assert all(g['betas'][1] == 0.98 and g['alpha'] == 0.5 for g in learn.opt.opt.param_groups)
+
+# ---- weight decay ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', list(opt_registry) + ['lookahead(ralamb)'])
+@pytest.mark.parametrize('wd_bn_bias', [False, True])
+def test_weight_decay_groups(name, wd_bn_bias):
+    xs, ys = tiny_batches(2)
+    opt_func = lookahead('ralamb') if name.startswith('lookahead') else get_opt(name)
+    net = tiny_net()
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, wd_bn_bias=wd_bn_bias)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    names = {id(p): k for k, p in net.named_parameters()}
+    wd_of = {names[id(p)]: g['weight_decay'] for g in learn.opt.opt.param_groups for p in g['params']}
+    nd = no_decay_names(net)
+    assert {'1.conv.weight', '1.conv.bias', '4.weight', '4.bias', '8.weight', '8.bias', '9.bias'} <= nd
+    assert set(wd_of) == set(names.values())
+    assert wd_of == {k: (0. if k in nd and not wd_bn_bias else WD) for k in wd_of}
+    assert learn.opt.hypers[0]['wd'] == WD
+
+# ---- freezing -------------------------------------------------------------------------------------------------
+
+def test_freeze_unfreeze_ranger_lars():
+    xs, ys = tiny_batches(4)
+    net = tiny_net()
+    split = lambda m: [list(m[:4].parameters()), list(m[4:].parameters())]
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=ranger_lars, splitter=split)
+    snap = lambda: {k: p.detach().clone() for k, p in net.named_parameters()}
+    with learn.no_bar(), learn.no_logging():
+        learn.freeze(); s0 = snap(); learn.fit(1, 1e-2); s1 = snap()
+        learn.unfreeze(); learn.fit(1, 1e-2); s2 = snap()
+    assert torch.equal(s0['0.weight'], s1['0.weight']) and torch.equal(s0['3.weight'], s1['3.weight'])  # frozen body
+    assert not torch.equal(s0['1.conv.weight'], s1['1.conv.weight'])  # train_bn: BNET still trains
+    assert not torch.equal(s0['9.weight'], s1['9.weight'])               # head trains
+    assert not torch.equal(s1['0.weight'], s2['0.weight'])               # unfrozen body trains
+
+@pytest.mark.parametrize('name', list(opt_registry))
+def test_fine_tune(name):
+    xs, ys = tiny_batches(2)
+    split = lambda m: [list(m[:4].parameters()), list(m[4:].parameters())]
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), splitter=split)
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+# ---- AdaHessian precision -------------------------------------------------------------------------------------
+
+def test_adahessian_bf16_and_fp16():
+    xs, ys = tiny_batches(2)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian).to_bf16()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    learn.to_fp32().to_fp16()
+    with pytest.raises(ValueError, match='to_fp16'): learn.fit(1, 1e-2)
+
+def test_adahessian_double_backward_under_bf16_autocast():
+    "fastai's `to_bf16` autocasts on CUDA only; check the Hessian-vector products themselves under CPU bf16 autocast."
+    xs, ys = tiny_batches(1)
+    net = tiny_net(); opt = AdaHessian(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    with torch.autocast('cpu', dtype=torch.bfloat16): loss = F.cross_entropy(net(xs).float(), ys)
+    loss.backward(create_graph=True); opt.step()
+    hs = [opt.state[p]['exp_hessian_diag_sq'] for p in net.parameters()]
+    assert all(torch.isfinite(h).all() for h in hs) and any(h.abs().sum() > 0 for h in hs)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+def test_adahessian_without_callback_says_what_to_add():
+    xs, ys = tiny_batches(1)
+    net = tiny_net()
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=adahessian)
+    learn.create_opt(); learn.remove_cb(HessianBackward)
+    # built outside a Learner method, so nothing registers the callback
+    learn.opt_func = lambda ps, **kw: GroupOptimWrapper(ps, AdaHessian, **kw)
+    learn.create_opt()
+    with pytest.raises(RuntimeError, match='HessianBackward'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+
+def test_lookahead_wraps_fastai_optimizers():
+    import fastai.optimizer as fo
+    xs, ys = tiny_batches(2)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=lookahead(fo.Adam, k=2))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert isinstance(learn.opt, fo.Lookahead) and learn.opt.k == 2 and learn.opt.count == 2
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+def test_bad_names():
+    for f in (get_opt, lookahead):
+        with pytest.raises(ValueError) as e: f('adamw9000')
+        assert "'adamw9000'" in str(e.value) and all(k in str(e.value) for k in opt_registry)
+
+# ---- convergence on real data ---------------------------------------------------------------------------------
+
+def digits_dls(size=16, bs=64, seed=0):
+    "scikit-learn's 8×8 digits as 3-channel `size`-px images (16 px keeps every pixel and is 4× cheaper than 32), a fixed 80/20 split."
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
+    x = ((x - x.mean()) / x.std()).contiguous()
+    y = torch.tensor(d.target)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = len(x) // 5
+    val, trn = idx[:n_val], idx[n_val:]
+    return DataLoaders(DataLoader(list(zip(x[trn], y[trn])), bs=bs, shuffle=True, drop_last=True),
+                       DataLoader(list(zip(x[val], y[val])), bs=2*bs))
+
+CONVERGE = {'ranger': 1e-2, 'ralamb': 1e-2, 'ranger_lars': 1e-2, 'adahessian': 0.15, 'adamod': 1e-2,
+            'diffgrad': 1e-2, 'novograd': 1e-2}
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(CONVERGE))
+def test_digits_convergence(name):
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(), xresnet18(n_out=10, norm='bnet'), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
+                    opt_func=get_opt(name))
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, CONVERGE[name])
+    acc = learn.validate()[1]
+    assert acc >= 0.9, f'{name}: {acc:.3f}'
