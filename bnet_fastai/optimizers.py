@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 import pytorch_optimizer as po
+from pytorch_optimizer.base.optimizer import BaseOptimizer
 from fastcore.basics import ifnone, range_of
 from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, Lookahead as FastaiLookahead, detuplify_pg, set_item_pg
 from fastai.callback.core import Callback, CancelBackwardException
@@ -25,7 +26,15 @@ __all__ = ['opt_hp_map', 'opt_registry', 'Ranger', 'Ralamb', 'RangerLars', 'AdaH
            'diffgrad', 'novograd', 'lookahead', 'get_opt']
 
 # %% ../nbs/06_optimizers.ipynb #7b1c274b
-class Ranger(po.Ranger):
+class _DeviceForeach:
+    "Mixin: with `foreach=None`, batched (`foreach`) updates on CUDA and the per-parameter loop on CPU."
+    @staticmethod
+    def can_use_foreach(group, foreach, **kwargs):
+        # pytorch_optimizer also batches on CPU, where the per-parameter loop is faster (table above).
+        return BaseOptimizer.can_use_foreach(group, foreach, **{**kwargs, 'default_on_cuda': True})
+
+# %% ../nbs/06_optimizers.ipynb #45a97fcb
+class Ranger(_DeviceForeach, po.Ranger):
     "RAdam + Lookahead + gradient centralisation, with the original Ranger's defaults."
     def __init__(self, params,
                  lr:float=1e-3, # Learning rate
@@ -40,8 +49,8 @@ class Ranger(po.Ranger):
         super().__init__(params, lr=lr, betas=betas, alpha=alpha, k=k, eps=eps, weight_decay=weight_decay,
                          use_gc=use_gc, degenerated_to_sgd=degenerated_to_sgd, **kwargs)
 
-# %% ../nbs/06_optimizers.ipynb #45a97fcb
-class Ralamb(po.Lamb):
+# %% ../nbs/06_optimizers.ipynb #10aa1f31
+class Ralamb(_DeviceForeach, po.Lamb):
     "RAdam's rectified step scaled by LAMB's per-tensor trust ratio."
     def __init__(self, params,
                  lr:float=1e-3, # Learning rate
@@ -54,7 +63,7 @@ class Ralamb(po.Lamb):
                          pre_norm=False, **kwargs)
     def __str__(self): return 'Ralamb'
 
-# %% ../nbs/06_optimizers.ipynb #2a0d6aed
+# %% ../nbs/06_optimizers.ipynb #d77a9a5c
 class RangerLars(po.Lookahead):
     "Lookahead over `Ralamb`: the 'Over9000' optimizer."
     def __init__(self, params,
@@ -68,12 +77,12 @@ class RangerLars(po.Lookahead):
         super().__init__(Ralamb(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs), k=k, alpha=alpha)
     def __str__(self): return 'RangerLars'
 
-# %% ../nbs/06_optimizers.ipynb #c507cbb2
+# %% ../nbs/06_optimizers.ipynb #4eda2a2d
 _no_graph_msg = ("AdaHessian needs the gradients' graph: call `loss.backward(create_graph=True)`. "
                  "With a fastai `Learner`, `opt_func=adahessian` adds the `HessianBackward` callback for you; "
                  "if you built the optimizer yourself, pass `cbs=HessianBackward()` to the `Learner`.")
 
-class AdaHessian(po.AdaHessian):
+class AdaHessian(_DeviceForeach, po.AdaHessian):
     "Adam-like steps preconditioned by a Hutchinson estimate of the Hessian diagonal; needs `loss.backward(create_graph=True)`."
     def __init__(self, params,
                  lr:float=0.15, # Learning rate
@@ -92,10 +101,10 @@ class AdaHessian(po.AdaHessian):
             if grads and not any(g.requires_grad for g in grads): raise RuntimeError(_no_graph_msg)
         return super().step(closure, hessian)
 
-# %% ../nbs/06_optimizers.ipynb #95a2e00e
+# %% ../nbs/06_optimizers.ipynb #67f33b13
 opt_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}
 
-# %% ../nbs/06_optimizers.ipynb #9322fab7
+# %% ../nbs/06_optimizers.ipynb #a4051670
 def _layer_groups(params) -> list:
     "fastai passes either one iterable of parameters or a list of layer groups."
     ps = list(params)
@@ -174,7 +183,7 @@ class GroupOptimWrapper(OptimWrapper):
         self._regroup()
         self.opt.load_state_dict(sd)
 
-# %% ../nbs/06_optimizers.ipynb #a0bb0dac
+# %% ../nbs/06_optimizers.ipynb #1fd476fb
 def _unwrap(opt):
     "The optimizer doing the maths inside fastai and Lookahead wrappers."
     opt = getattr(opt, 'opt', opt)
@@ -201,7 +210,7 @@ class HessianBackward(Callback):
             self.learn.loss_grad.backward(create_graph=True)
         raise CancelBackwardException
 
-# %% ../nbs/06_optimizers.ipynb #c6c859f2
+# %% ../nbs/06_optimizers.ipynb #5ac776b5
 def _calling_learner(depth:int=12):
     "The `Learner` whose method (e.g. `create_opt`) is calling an opt_func, if any."
     f = sys._getframe(1)
@@ -214,7 +223,7 @@ def _add_hessian_cb():
     learn = _calling_learner()
     if learn is not None and not any(isinstance(cb, HessianBackward) for cb in learn.cbs): learn.add_cb(HessianBackward())
 
-# %% ../nbs/06_optimizers.ipynb #e78ae55e
+# %% ../nbs/06_optimizers.ipynb #e8427480
 def ranger(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-5,
            k:int=6, # Lookahead: steps between slow-weight updates
            alpha:float=0.5, # Lookahead: how far the slow weights move toward the fast ones
@@ -240,21 +249,25 @@ def adahessian(params, lr:float=0.15, mom:float=0.9, sqr_mom:float=0.999, wd:flo
     _add_hessian_cb()
     return GroupOptimWrapper(params, AdaHessian, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, hessian_power=hessian_power, **kwargs)
 
+class _AdaMod(_DeviceForeach, po.AdaMod): pass
+class _DiffGrad(_DeviceForeach, po.DiffGrad): pass
+class _NovoGrad(_DeviceForeach, po.NovoGrad): pass
+
 def adamod(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999,
            beta3:float=0.999, # Decay rate of the running mean of step sizes that bounds each step
            wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `AdaMod`"
-    return GroupOptimWrapper(params, po.AdaMod, lr=lr, betas=(mom, sqr_mom, beta3), weight_decay=wd, eps=eps, **kwargs)
+    return GroupOptimWrapper(params, _AdaMod, lr=lr, betas=(mom, sqr_mom, beta3), weight_decay=wd, eps=eps, **kwargs)
 
 def diffgrad(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `DiffGrad`"
-    return GroupOptimWrapper(params, po.DiffGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
+    return GroupOptimWrapper(params, _DiffGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
 
 def novograd(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.98, wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `NovoGrad`"
-    return GroupOptimWrapper(params, po.NovoGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
+    return GroupOptimWrapper(params, _NovoGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
 
-# %% ../nbs/06_optimizers.ipynb #d4edf486
+# %% ../nbs/06_optimizers.ipynb #a523df71
 def _lookahead(params, opt_func, k:int=6, alpha:float=0.5, **kwargs):
     inner = opt_func(params, **kwargs)
     if isinstance(inner, GroupOptimWrapper):
@@ -269,7 +282,7 @@ def lookahead(opt_func, # An opt_func, or a name from `opt_registry`
     "An opt_func that takes `opt_func`'s steps and every `k` steps pulls the weights back toward the slow weights."
     return partial(_lookahead, opt_func=get_opt(opt_func), k=k, alpha=alpha)
 
-# %% ../nbs/06_optimizers.ipynb #e0073ff4
+# %% ../nbs/06_optimizers.ipynb #87004d6c
 opt_registry = {'ranger': ranger, 'ralamb': ralamb, 'ranger_lars': ranger_lars, 'adahessian': adahessian,
                 'adamod': adamod, 'diffgrad': diffgrad, 'novograd': novograd}
 
