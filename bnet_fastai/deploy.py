@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 import torch.fx as fx
-from fastai.callback.fp16 import MixedPrecision, AMPMode
-from fastcore.foundation import L
 from .layers import BNET
 
 # %% auto #0
-__all__ = ['FuseReport', 'fuse_bnet', 'export_onnx', 'DeviceMixedPrecision']
+__all__ = ['FuseReport', 'fuse_bnet', 'export_onnx']
 
 # %% ../nbs/11_deploy.ipynb #8a7bbbe0
 _convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -162,13 +160,3 @@ def export_onnx(model:nn.Module, # The (eval-mode) model to export
     if fname is None: return data
     with open(fname, 'wb') as f: f.write(data)  # written only after the check passed
     return fname
-
-# %% ../nbs/11_deploy.ipynb #08c56aa4
-class DeviceMixedPrecision(MixedPrecision):
-    "fastai's `MixedPrecision`, autocasting on the device the data is on (fastai's always uses CUDA, a no-op on CPU)."
-    def before_fit(self):
-        dev = getattr(self.dls, 'device', None) or next(self.model.parameters()).device
-        dev = torch.device(dev).type
-        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
-        self.kwargs['enabled'] = dtype == torch.float16  # bf16 has fp32's range: no loss scaling needed
-        self.autocast, self.learn.scaler, self.scales = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs), L()

@@ -63,6 +63,8 @@ def rank_item(objs:list):
 
 # %% ../nbs/09_distributed.ipynb #54170579
 from torch.distributed.nn.functional import all_reduce as _all_reduce
+
+# %% ../nbs/09_distributed.ipynb #d66de2ad
 # The public all-reduce with autograd; the replacement its deprecation warning names is a private module
 warnings.filterwarnings('ignore', 'torch.distributed.nn.functional.all_reduce is deprecated', FutureWarning)
 
@@ -121,7 +123,7 @@ def to_sync_bn(model:nn.Module, # A model whose BatchNorms (BNET's inner ones in
     if cpu is None: cpu = not torch.cuda.is_available()
     return _to_cpu_sync(model, process_group) if cpu else nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
-# %% ../nbs/09_distributed.ipynb #c49bd340
+# %% ../nbs/09_distributed.ipynb #d8af512c
 def free_port() -> int:
     "A TCP port that is free on the loopback interface now, for `--master_port`."
     with socket.socket() as s:
@@ -135,7 +137,7 @@ def launch_cmd(nproc:int, # Number of processes
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
             '--master_addr', '127.0.0.1', '--master_port', str(port or free_port()), *args]
 
-# %% ../nbs/09_distributed.ipynb #d8af512c
+# %% ../nbs/09_distributed.ipynb #c371e9d3
 def _gathered_batch(learn):
     "Predictions and targets of the current batch from all ranks, padding dropped (just detached in one process)."
     return learn.to_detach((learn.pred, *learn.yb))
@@ -161,7 +163,7 @@ def gathered_metrics(learn:Learner):
     learn.metrics = [GatheredAvgMetric(m.func) if type(m) is AvgMetric else m for m in learn.metrics]
     object.__setattr__(learn.recorder, 'loss', GatheredAvgLoss()) # the recorder's own `loss`, not the learner's
 
-# %% ../nbs/09_distributed.ipynb #eb866015
+# %% ../nbs/09_distributed.ipynb #1558e57c
 @contextmanager
 def distrib_run(learn:Learner, # The learner to train
                 sync_bn:bool=False, # Synchronise every BatchNorm (BNET's inner ones included) across processes first
@@ -183,7 +185,7 @@ def unwrap(model:nn.Module) -> nn.Module:
     "The model inside DDP's wrapper, whose state dict loads in any number of processes."
     return model.module if isinstance(model, DistributedDataParallel) else model
 
-# %% ../nbs/09_distributed.ipynb #1558e57c
+# %% ../nbs/09_distributed.ipynb #876c8567
 NORM_STATS_ENV = 'BNET_NORM_STATS_DIR'
 
 class NormStatsDump(Callback):

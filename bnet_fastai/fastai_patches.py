@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, and fastai's `DistributedDL` runs on CPUs.
+"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, `to_bf16()`/`to_fp16()` autocast on the data's device, and fastai's `DistributedDL` runs on CPUs.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -6,17 +6,18 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
 # %% ../nbs/03_fastai_patches.ipynb #0b9d2c21
 from __future__ import annotations
-import random
+import random, warnings
 import torch, torch.distributed as dist
 from torch import nn
 import fastai.torch_core, fastai.callback.training, fastai.distributed as fdist
+from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
 from .models.xresnet import NormXResNet, xsenet154
 from .distributed import sync_bn_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'dl_broadcast', 'dl_rng', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'dl_broadcast', 'dl_rng', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
@@ -30,6 +31,18 @@ def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
         if not isinstance(l, BNET): set_bn_eval(l, use_eval_train)
 
 # %% ../nbs/03_fastai_patches.ipynb #996d11b1
+def mp_before_fit(self):
+    "fastai's `MixedPrecision.before_fit`, with the autocast and loss scaler on the device the data is on."
+    dev = torch.device(getattr(self.dls, 'device', None) or fastai.torch_core.default_device()).type
+    if dev == 'cuda': return _originals['MixedPrecision.before_fit'](self)
+    # fastai's code still sets the scaler's `enabled` and `self.scales`; its CUDA objects are replaced below.
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        _originals['MixedPrecision.before_fit'](self)
+    dtype = torch.bfloat16 if AMPMode(self.amp_mode) == AMPMode.BF16 else torch.float16
+    self.autocast, self.learn.scaler = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs)
+
+# %% ../nbs/03_fastai_patches.ipynb #9adeabbd
 def dl_broadcast(self, t:list, rank:int) -> list:
     "Broadcast the list `t` from `rank`, on CUDA for nccl and on the CPU for other backends."
     t = torch.tensor(t, dtype=torch.long, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
@@ -40,11 +53,11 @@ def dl_rng(self) -> random.Random:
     "The random generator of the wrapped loader, which draws the order."
     return self.dl.rng
 
-# %% ../nbs/03_fastai_patches.ipynb #b5d9ae86
+# %% ../nbs/03_fastai_patches.ipynb #bda898ec
 _originals = {}
 
 def apply_patches():
-    "Make fastai treat `BNET` as a norm and let its XResNet builders take `norm=`. Safe to call again."
+    "Install every patch listed above (BNET as a norm, `norm=` for fastai's builders, device-aware mixed precision, CPU `DistributedDL`). Safe to call again."
     tc, tr = fastai.torch_core, fastai.callback.training
     tc.norm_types = tuple(tc.norm_types) + tuple(t for t in (BNET, *sync_bn_types) if t not in tc.norm_types)
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
@@ -53,6 +66,8 @@ def apply_patches():
     fx.XResNet = NormXResNet
     _originals.setdefault('xsenet154', fx.xsenet154)
     fx.xsenet154 = xsenet154
+    _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
+    MixedPrecision.before_fit = mp_before_fit
     _originals.setdefault('DistributedDL._broadcast', fdist.DistributedDL._broadcast)
     fdist.DistributedDL._broadcast = dl_broadcast
     fdist.DistributedDL.rng = property(dl_rng)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json, os, random, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from torch.amp import autocast
 from fastcore.basics import AttrDict
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
@@ -29,7 +28,7 @@ from .activations import act_registry, get_act
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
-__all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'BF16', 'build_learner', 'train_run',
+__all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'build_learner', 'train_run',
            'summary_table', 'plot_curves', 'write_outputs', 'write_run', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #48494a34
@@ -141,20 +140,12 @@ class RunLogger(CSVLogger):
         super()._write_line(log)
 
 # %% ../nbs/08_train.ipynb #f17db724
-class BF16(MixedPrecision):
-    "fastai's bfloat16 mixed precision, autocasting on the data's device (CPU included)."
-    def __init__(self): super().__init__(amp_mode='bf16')
-    def before_fit(self):
-        super().before_fit()
-        self.autocast = autocast(getattr(self.dls, 'device', torch.device('cpu')).type, dtype=torch.bfloat16)
-
-# %% ../nbs/08_train.ipynb #461eaf32
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     "A `Learner` for one run of `cfg` with `norm`: model from `arch_registry`, optimizer from `opt_registry`."
     n_out = len(dls.vocab)
     model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
-    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([BF16()] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
+    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
     return Learner(dls, model, opt_func=get_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
 _names = {'top_k_accuracy': 'top5'}
@@ -192,7 +183,7 @@ def train_run(cfg:AttrDict, # From `train_config`
         getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
     return _final_metrics(learn, cp.epoch_times)
 
-# %% ../nbs/08_train.ipynb #871afd2e
+# %% ../nbs/08_train.ipynb #21dcf369
 def _fmt(xs:list, pct:bool=False) -> str:
     xs = np.array(xs, dtype=float) * (100 if pct else 1)
     s = f"{xs.mean():.2f}" if pct else f"{xs.mean():.4f}"
@@ -239,14 +230,14 @@ def write_outputs(out:Path, # The output folder
     plot_curves(hists, out/'curves.png')
     return table
 
-# %% ../nbs/08_train.ipynb #4113590b
+# %% ../nbs/08_train.ipynb #2a698f5f
 def _run_dir(out, norm, seed): return Path(out)/f'{norm}_s{seed}'
 
 def write_run(run_dir:Path, metrics:dict):
     "Write one run's final metrics as `metrics.json`."
     _atomic_write(Path(run_dir)/'metrics.json', lambda f: Path(f).write_text(json.dumps(metrics, indent=2)))
 
-# %% ../nbs/08_train.ipynb #759bdde6
+# %% ../nbs/08_train.ipynb #4113590b
 _keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'bf16', 'channels_last')
 
 def _check_out(out:Path, cfg:AttrDict, resume:bool):
@@ -283,7 +274,7 @@ def train(out:str|Path='runs', # Output folder
         results[norm].append(m)
     return write_outputs(out, cfg, results) if is_rank0() else summary_table(results)
 
-# %% ../nbs/08_train.ipynb #4e72f63a
+# %% ../nbs/08_train.ipynb #e63d410a
 @call_parse
 def main(
     dataset:str='imagenette', # imagenette, imagewoof, digits, or a folder holding train/<class>/ and val/<class>/

@@ -2,10 +2,10 @@
 import pytest, torch, torchvision
 from torch import nn
 from copy import deepcopy
-from fastai.vision.all import Learner, CrossEntropyLossFlat, load_learner
+from fastai.vision.all import Learner, Callback, CrossEntropyLossFlat, load_learner
 from bnet_fastai.layers import BNET
 from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
-from bnet_fastai.deploy import fuse_bnet, export_onnx, DeviceMixedPrecision
+from bnet_fastai.deploy import fuse_bnet, export_onnx
 from _digits import digits_dls
 
 _bn = nn.modules.batchnorm._BatchNorm
@@ -98,11 +98,19 @@ def test_learner_export_roundtrip(tmp_path):
     learn.model.eval(); learn2.model.eval()
     with torch.no_grad(): torch.testing.assert_close(learn2.model(xb), learn.model(xb), atol=0, rtol=0)
 
+class EveryBatch(Callback):
+    "Runs `f` after every batch."
+    def __init__(self, fn): super().__init__(); self.fn = fn
+    def after_batch(self): self.fn()
+
 @pytest.mark.slow
-def test_bf16_autocast_training_digits():
-    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)  # native 8×8: bf16 convolutions are slow on CPUs without bf16 units
-    learn = Learner(dls, xresnet18(norm='bnet', n_out=10), loss_func=CrossEntropyLossFlat(), cbs=DeviceMixedPrecision('bf16'))
-    seen = set()
+@pytest.mark.parametrize('precision,dtype', [('to_bf16', torch.bfloat16), ('to_fp16', torch.float16)])
+def test_mixed_precision_training_digits(precision, dtype):
+    "fastai's own `to_bf16()`/`to_fp16()` train a BNET model in that dtype on the CPU (fastai alone would stay in fp32)."
+    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)  # native 8×8: half-precision convolutions are slow on CPUs without bf16/fp16 units
+    learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10), loss_func=CrossEntropyLossFlat()), precision)()
+    seen, scaling = set(), set()
+    learn.add_cb(EveryBatch(lambda: scaling.add(learn.scaler.is_enabled()) if learn.training else None))
     bnet = next(m for m in learn.model.modules() if isinstance(m, BNET))
     h = bnet.conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
     before = learn.validate()[0]
@@ -110,8 +118,9 @@ def test_bf16_autocast_training_digits():
     h.remove()
     losses = torch.stack(learn.recorder.losses)
     after = learn.validate()[0]
-    assert seen == {torch.bfloat16}  # training really ran under bf16 autocast
+    assert seen == {dtype}  # training really ran under autocast in that dtype
     assert torch.isfinite(losses).all() and after < before and losses[-5:].mean() < losses[:5].mean()
+    assert scaling == {dtype == torch.float16}  # fp16 losses are scaled (on the CPU's scaler); bf16 needs no scaling
 
 def test_channels_last_and_half():
     m = trained_like(xresnet18(norm='bnet', n_out=10))

@@ -192,7 +192,7 @@ def test_adahessian_bf16_and_fp16():
     with pytest.raises(ValueError, match='to_fp16'): learn.fit(1, 1e-2)
 
 def test_adahessian_double_backward_under_bf16_autocast():
-    "fastai's `to_bf16` autocasts on CUDA only; check the Hessian-vector products themselves under CPU bf16 autocast."
+    "The Hessian-vector products themselves under CPU bf16 autocast, outside any Learner."
     xs, ys = tiny_batches(1)
     net = tiny_net(); opt = AdaHessian(net.parameters(), lr=0.1)
     before = [p.detach().clone() for p in net.parameters()]
