@@ -1,13 +1,14 @@
 """CPU inference throughput of BN and BNET XResNets, unfused and fused by `fuse_bnet`, at 128 px and batch 32.
 
 All variants run in one process; repeats alternate between them so that machine load affects each alike, and the
-table reports medians. Usage: `python benchmarks/inference.py [--arch xresnet50 xresnet18] [--repeats 7] [--formats nchw channels_last] [--bnet-at all]`."""
-import argparse, time, statistics
+table reports medians. Usage: `python benchmarks/inference.py [--arch xresnet50 xresnet18] [--repeats 7] [--formats nchw channels_last] [--bnet-at all] [--heap keep]`."""
+import argparse, platform, time, statistics
 import torch
 from torch import nn
 from fastprogress.fastprogress import progress_bar
 from bnet_fastai.models.xresnet import arch_registry
 from bnet_fastai.deploy import fuse_bnet
+from _heap import add_heap_arg, setup_heap
 
 def trained_like(model):
     "Running statistics away from their defaults, as training would leave them (fusion must not be a no-op)."
@@ -68,10 +69,14 @@ def main():
     p.add_argument('--formats', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
     p.add_argument('--bnet-at', default='all', choices=['all', 'last'], help="BNET placement: every norm, or residual-last only")
     p.add_argument('--png', default='benchmarks/inference.png')
+    add_heap_arg(p)
     a = p.parse_args()
-    torch.manual_seed(0); torch.set_num_threads(a.threads)
     for arch in a.arch:
-        if arch not in arch_registry: raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(arch_registry)}")
+        if arch not in arch_registry: p.error(f"unknown arch {arch!r}; valid names: {', '.join(arch_registry)}")
+    heap = setup_heap(a.heap)
+    torch.manual_seed(0); torch.set_num_threads(a.threads)
+    print(f"CPU inference, batch {a.bs}, {a.size} px, {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, {heap}; medians of {a.repeats} alternating repeats")
     results = {}
     for arch in a.arch:
         for fmt in a.formats:

@@ -11,6 +11,7 @@ from fastprogress.fastprogress import progress_bar
 import fastai.optimizer as fo
 from bnet_fastai.models.xresnet import xresnet50
 from bnet_fastai.optimizers import ranger, ranger_lars
+from _heap import add_heap_arg, setup_heap
 
 def param_copy(model):
     ps = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
@@ -25,7 +26,8 @@ CANDIDATES = {
     'torch AdamW (foreach)':   lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
 }
 
-def main(repeats=15, warmup=7, threads=2, png=None):
+def main(repeats=15, warmup=7, threads=2, png=None, heap='keep'):
+    heap = setup_heap(heap)
     torch.set_num_threads(threads)
     model = xresnet50()
     opts = {name: make(param_copy(model)) for name, make in CANDIDATES.items()}
@@ -40,7 +42,7 @@ def main(repeats=15, warmup=7, threads=2, png=None):
     base = med['fastai ranger']
     n_params = sum(p.numel() for p in model.parameters())
     print(f'xresnet50: {n_params:,} parameters, {len(list(model.parameters()))} tensors; torch {torch.__version__}, '
-          f'{threads} threads, {repeats} alternating repeats after {warmup} warm-up steps\n')
+          f'{threads} threads, {heap}, {repeats} alternating repeats after {warmup} warm-up steps\n')
     print('| optimizer | median step (ms) | ratio to fastai ranger |')
     print('|---|---:|---:|')
     for name, m in med.items(): print(f'| {name} | {m*1e3:.1f} | {m/base:.2f}× |')
@@ -60,5 +62,6 @@ if __name__ == '__main__':
     ap.add_argument('--warmup', type=int, default=7)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--png', default=None, help='also save a bar chart here')
+    add_heap_arg(ap)
     a = ap.parse_args()
-    main(a.repeats, a.warmup, a.threads, a.png)
+    main(a.repeats, a.warmup, a.threads, a.png, a.heap)

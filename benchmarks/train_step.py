@@ -9,6 +9,7 @@ so load from other processes hits all variants alike. Memory, two methods:
 
     python benchmarks/train_step.py            # xresnet18 and xresnet50, 128 px, batch 32, CPU
     python benchmarks/train_step.py --quick    # smoke run: xresnet18, 64 px, batch 8, 2 rounds
+    python benchmarks/train_step.py --channels-last
     python benchmarks/train_step.py --device cuda
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch, torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
 from bnet_fastai.layers import BNET
 from bnet_fastai.models.xresnet import arch_registry
+from _heap import add_heap_arg, setup_heap
 
 NORMS = {'bn': 'bn', 'bnet3': 'bnet3', 'bnet5': 'bnet5'}
 
@@ -29,8 +31,10 @@ def parse_args(argv=None):
     p.add_argument('--bs', type=int, default=32, help='batch size')
     p.add_argument('--rounds', type=int, default=4, help='timed steps per variant (median taken)')
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    p.add_argument('--channels-last', action='store_true', help='models and input in channels_last memory format')
+    add_heap_arg(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
-    p.add_argument('--png', default='train_step.png', help="where to save the plot ('' for none)")
+    p.add_argument('--png', default='benchmarks/train_step.png', help="where to save the plot ('' for none)")
     p.add_argument('--quick', action='store_true', help='smoke run: xresnet18, 64 px, batch 8, 2 rounds')
     a = p.parse_args(argv)
     if a.quick: a.archs, a.size, a.bs, a.rounds = 'xresnet18', 64, 8, 2
@@ -46,9 +50,9 @@ def variants(a):
     "(arch, norm, impl) for every row; BN has no BNET path to choose."
     return [(arch, n, impl) for arch in a.archs for n in a.norms for impl in (['-'] if n == 'bn' else a.impls)]
 
-def build(arch, norm, impl, device):
+def build(arch, norm, impl, device, mf=torch.contiguous_format):
     torch.manual_seed(0)
-    m = arch_registry[arch](n_out=10, norm=NORMS[norm]).to(device).train()
+    m = arch_registry[arch](n_out=10, norm=NORMS[norm]).to(device, memory_format=mf).train()
     for l in m.modules():
         if isinstance(l, BNET): l.lean = impl == 'lean'
     return m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
@@ -102,8 +106,9 @@ def run(a):
     if a.threads: torch.set_num_threads(a.threads)
     rows = variants(a)
     torch.manual_seed(0)
-    x = torch.randn(a.bs, 3, a.size, a.size, device=a.device); y = torch.randint(0, 10, (a.bs,), device=a.device)
-    models = {r: build(*r, a.device) for r in rows}
+    mf = torch.channels_last if a.channels_last else torch.contiguous_format
+    x = torch.randn(a.bs, 3, a.size, a.size, device=a.device).to(memory_format=mf); y = torch.randint(0, 10, (a.bs,), device=a.device)
+    models = {r: build(*r, a.device, mf) for r in rows}
     res = {r: dict(times=[]) for r in rows}
     pb = progress_bar(rows); pb.comment = 'warm-up and memory'
     for r in pb:
@@ -128,7 +133,8 @@ def machine(a):
 
 def table(a, rows, res):
     mib = lambda b: b / 2**20
-    out = [f"xresnet train step (forward, backward, SGD), {a.size} px, batch {a.bs}, {a.device} ({machine(a)}), "
+    fmt = 'channels_last' if a.channels_last else 'NCHW'
+    out = [f"xresnet train step (forward, backward, SGD), {a.size} px, batch {a.bs}, {fmt}, {a.device} ({machine(a)}, {a.heap_words}), "
            f"torch {torch.__version__}; medians of {a.rounds} alternating rounds",
            '', '| arch | norm | BNET path | step ms | images/s | speed ×BN | saved act. MiB | ×BN | peak MiB | ×BN |',
            '|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -165,6 +171,7 @@ def plot(a, rows, res, path):
 
 def main(argv=None):
     a = parse_args(argv)
+    a.heap_words = setup_heap(a.heap)
     t0 = time.perf_counter()
     rows, res = run(a)
     print(table(a, rows, res)); print(); print(targets(res))

@@ -136,7 +136,7 @@ def fuse_bnet(model:nn.Module, # An eval-mode model holding BNET and/or BatchNor
         rep.folded.append((conv_name, name, 'BNET' if isinstance(norm, BNET) else 'BN'))
     return model, rep
 
-# %% ../nbs/11_deploy.ipynb #a7faf78d
+# %% ../nbs/11_deploy.ipynb #b0b59571
 def export_onnx(model:nn.Module, # The (eval-mode) model to export
                 x:torch.Tensor, # An example input batch
                 fname=None, # Where to write the `.onnx` file; `None` returns its bytes

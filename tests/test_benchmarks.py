@@ -1,0 +1,52 @@
+"Smoke runs of the benchmark scripts at tiny sizes: they must keep running and print their tables (timings are not tested)."
+import os, re, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def bench(script, *args):
+    env = {**os.environ, 'PYTHONPATH': str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    return subprocess.run([sys.executable, str(ROOT/'benchmarks'/script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+def rows(out, first):
+    "Table rows (split into cells) whose first cell is `first`."
+    return [[c.strip() for c in l.strip().strip('|').split('|')] for l in out.splitlines() if l.startswith(f'| {first} ')]
+
+def test_train_step_quick(tmp_path):
+    png = tmp_path/'ts.png'
+    r = bench('train_step.py', '--quick', '--png', png)
+    assert r.returncode == 0, r.stderr
+    assert 'heap: freed memory kept' in r.stdout
+    got = rows(r.stdout, 'xresnet18')
+    assert [row[1:3] for row in got] == [['bn', '-'], ['bnet3', 'plain'], ['bnet3', 'lean'], ['bnet5', 'plain'], ['bnet5', 'lean']]
+    assert all(float(row[4]) > 0 for row in got) # images/s
+    assert got[0][5] == got[0][7] == got[0][9] == '1.000' # BN is its own reference
+    # The lean path keeps only the norm's input: its saved activations equal BN's, the plain path's exceed them.
+    saved = {tuple(row[1:3]): float(row[7]) for row in got}
+    assert saved[('bnet3', 'lean')] == pytest.approx(1.0, abs=0.01) and saved[('bnet3', 'plain')] > 1.2
+    assert 'P1 speed' in r.stdout and png.stat().st_size > 0
+
+def test_inference_small(tmp_path):
+    png = tmp_path/'inf.png'
+    r = bench('inference.py', '--arch', 'xresnet18', '--size', 32, '--bs', 2, '--repeats', 1, '--formats', 'nchw', '--png', png)
+    assert r.returncode == 0, r.stderr
+    names = [row[0] for row in (rows(r.stdout, 'unfused') + rows(r.stdout, 'fused')) if len(row) == 2] # not the ratio rows
+    assert names == ['unfused BN', 'unfused BNET', 'fused BN', 'fused BNET']
+    assert re.search(r'\| fused BNET / fused BN \| \d+\.\d{3} \| ≥ 0\.90 \|', r.stdout)
+    assert png.stat().st_size > 0
+
+def test_optimizer_step_small():
+    r = bench('optimizer_step.py', '--repeats', 1, '--warmup', 1)
+    assert r.returncode == 0, r.stderr
+    assert [row[0] for row in rows(r.stdout, 'bnet_fastai')] == ['bnet_fastai ranger', 'bnet_fastai ranger_lars']
+    assert rows(r.stdout, 'fastai')[0][2] == '1.00×'
+
+@pytest.mark.parametrize('script,args,bad', [('train_step.py', ['--heap', 'bogus'], "'bogus'"),
+                                             ('train_step.py', ['--archs', 'xresnet7'], "'xresnet7'"),
+                                             ('inference.py', ['--arch', 'nope', '--png', ''], "'nope'")])
+def test_bad_arguments_name_the_value_and_choices(script, args, bad, tmp_path):
+    r = bench(script, *args)
+    assert r.returncode != 0 and bad in r.stderr
+    assert 'keep' in r.stderr or 'xresnet50' in r.stderr # the valid choices are listed
