@@ -34,10 +34,11 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true', help='models and input in channels_last memory format')
     add_heap_arg(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
-    p.add_argument('--png', default='benchmarks/train_step.png', help="where to save the plot ('' for none)")
+    p.add_argument('--png', default=None, help="where to save the plot ('' for none; default benchmarks/train_step.png, none with --quick)")
     p.add_argument('--quick', action='store_true', help='smoke run: xresnet18, 64 px, batch 8, 2 rounds')
     a = p.parse_args(argv)
     if a.quick: a.archs, a.size, a.bs, a.rounds = 'xresnet18', 64, 8, 2
+    if a.png is None: a.png = '' if a.quick else 'benchmarks/train_step.png' # a smoke run keeps the committed plot
     a.archs, a.norms, a.impls = a.archs.split(','), a.norms.split(','), a.impls.split(',')
     for name, vals, valid in [('arch', a.archs, arch_registry), ('norm', a.norms, NORMS), ('impl', a.impls, ('plain', 'lean'))]:
         bad = [v for v in vals if v not in valid]
