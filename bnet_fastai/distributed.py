@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/distributed.html.md"""
 
 # %% ../nbs/09_distributed.ipynb #7e66c73c
 from __future__ import annotations
-import os, socket, sys, warnings
+import os, sys, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import AttrDict
+from fastcore.net import free_port
 from fastai.torch_core import num_distrib, rank_distrib, find_bs
 from fastai.learner import Learner, AvgMetric, AvgLoss
 from fastai.callback.core import Callback
@@ -21,8 +22,8 @@ import fastai.distributed # adds `Learner.distrib_ctx`
 
 # %% auto #0
 __all__ = ['sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'barrier', 'gather_objects',
-           'rank_item', 'CPUSyncBatchNorm', 'to_sync_bn', 'free_port', 'launch_cmd', 'GatheredAvgMetric',
-           'GatheredAvgLoss', 'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
+           'rank_item', 'CPUSyncBatchNorm', 'to_sync_bn', 'launch_cmd', 'GatheredAvgMetric', 'GatheredAvgLoss',
+           'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
 
 # %% ../nbs/09_distributed.ipynb #ea4f2663
 def distrib_env() -> AttrDict|None:
@@ -124,18 +125,13 @@ def to_sync_bn(model:nn.Module, # A model whose BatchNorms (BNET's inner ones in
     return _to_cpu_sync(model, process_group) if cpu else nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 # %% ../nbs/09_distributed.ipynb #d8af512c
-def free_port() -> int:
-    "A TCP port that is free on the loopback interface now, for `--master_port`."
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 def launch_cmd(nproc:int, # Number of processes
                *args:str, # What `python` would run: a script path, or `-m` and a module, then its options
                port:int|None=None, # `--master_port` (default: a free one)
               ) -> list:
     "The command line that starts `args` in `nproc` processes on this machine with `torch.distributed.run`."
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-            '--master_addr', '127.0.0.1', '--master_port', str(port or free_port()), *args]
+            '--master_addr', '127.0.0.1', '--master_port', str(port or free_port('127.0.0.1')), *args]
 
 # %% ../nbs/09_distributed.ipynb #c371e9d3
 def _gathered_batch(learn):
