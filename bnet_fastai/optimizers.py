@@ -267,7 +267,7 @@ def novograd(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.98, wd:float
     "fastai opt_func for pytorch_optimizer's `NovoGrad`"
     return GroupOptimWrapper(params, _NovoGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
 
-# %% ../nbs/06_optimizers.ipynb #a523df71
+# %% ../nbs/06_optimizers.ipynb #6fe04ec2
 def _lookahead(params, opt_func, k:int=6, alpha:float=0.5, **kwargs):
     inner = opt_func(params, **kwargs)
     if isinstance(inner, GroupOptimWrapper):
@@ -282,7 +282,7 @@ def lookahead(opt_func, # An opt_func, or a name from `opt_registry`
     "An opt_func that takes `opt_func`'s steps and every `k` steps pulls the weights back toward the slow weights."
     return partial(_lookahead, opt_func=get_opt(opt_func), k=k, alpha=alpha)
 
-# %% ../nbs/06_optimizers.ipynb #87004d6c
+# %% ../nbs/06_optimizers.ipynb #41bc53da
 opt_registry = {'ranger': ranger, 'ralamb': ralamb, 'ranger_lars': ranger_lars, 'adahessian': adahessian,
                 'adamod': adamod, 'diffgrad': diffgrad, 'novograd': novograd}
 
