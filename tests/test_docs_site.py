@@ -155,7 +155,7 @@ def test_docstring_edit_changes_page(tmp_path, browser):
     from selenium.webdriver.common.by import By
     for d in ('nbs', 'bnet_fastai'): shutil.copytree(root/d, tmp_path/d, ignore=shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints'))
     shutil.copytree(root/'docs', tmp_path/'docs', ignore=shutil.ignore_patterns('_site', 'src', 'doctrees'))  # keep the run cache
-    shutil.copy(root/'pyproject.toml', tmp_path)
+    for f in ('pyproject.toml', 'README.md'): shutil.copy(root/f, tmp_path)  # README: 90_docs checks it when its run cache is stale
     old, new = BNET.__doc__, f'BNET with a docstring edited by the site test {uuid.uuid4().hex[:8]}.'
     nb_path = tmp_path/'nbs'/'00_layers.ipynb'
     nb = json.loads(nb_path.read_text())
