@@ -37,6 +37,12 @@ def test_inference_small(tmp_path):
     assert names == ['unfused BN', 'unfused BNET', 'fused BN', 'fused BNET']
     assert re.search(r'\| fused BNET / fused BN \| \d+\.\d{3} \| ≥ 0\.90 \|', r.stdout)
     assert png.stat().st_size > 0
+    # The ceiling is unfused BNET's batch time over fused BN's plus one BN pass, from the printed numbers.
+    ips = {row[0]: float(row[1]) for row in rows(r.stdout, 'unfused') + rows(r.stdout, 'fused') if len(row) == 2}
+    bn_pass = float(rows(r.stdout, 'BN')[0][1])
+    assert float(rows(r.stdout, 'depthwise')[0][1]) > 0 and bn_pass > 0
+    ms = lambda k: 2 / ips[k] * 1e3
+    assert float(rows(r.stdout, 'ceiling')[0][1]) == pytest.approx(ms('unfused BNET') / (ms('fused BN') + bn_pass), rel=0.05)
 
 def test_optimizer_step_small():
     r = bench('optimizer_step.py', '--repeats', 1, '--warmup', 1)
