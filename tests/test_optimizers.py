@@ -106,10 +106,10 @@ def test_equivalence_with_pytorch_optimizer(name):
 class RecordPG(Callback):
     "What the underlying pytorch param groups hold when the step runs."
     order = 100
-    def before_fit(self): self.lrs, self.moms = [], []
+    def before_fit(self): self.seen_lrs, self.seen_moms = [], []
     def before_step(self):
         pgs = self.learn.opt.opt.param_groups
-        self.lrs.append([g['lr'] for g in pgs]); self.moms.append([g['betas'][0] for g in pgs])
+        self.seen_lrs.append([g['lr'] for g in pgs]); self.seen_moms.append([g['betas'][0] for g in pgs])
 
 @pytest.mark.parametrize('name', list(opt_registry))
 def test_one_cycle_schedules_lr_and_mom(name):
@@ -118,12 +118,12 @@ def test_one_cycle_schedules_lr_and_mom(name):
     rec = RecordPG()
     learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=rec)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
-    assert len(rec.lrs) == n
-    for i, (lrs, moms) in enumerate(zip(rec.lrs, rec.moms)):
+    assert len(rec.seen_lrs) == n
+    for i, (lrs, moms) in enumerate(zip(rec.seen_lrs, rec.seen_moms)):
         assert len(lrs) == 2 # decayed and undecayed groups, scheduled alike
         for lr in lrs: assert lr == pytest.approx(lr_at(i, n, 1e-2), rel=1e-6)
         for m in moms: assert m == pytest.approx(mom_at(i, n), rel=1e-6)
-    lr0 = [l[0] for l in rec.lrs]; m0 = [m[0] for m in rec.moms]
+    lr0 = [l[0] for l in rec.seen_lrs]; m0 = [m[0] for m in rec.seen_moms]
     peak = lr0.index(max(lr0))
     assert 0 < peak < n-1 and lr0[0] < lr0[peak] > lr0[-1]
     assert m0[0] == pytest.approx(0.95) and min(m0) == pytest.approx(0.85, abs=5e-3) and m0[-1] > min(m0)
@@ -133,7 +133,7 @@ def test_flat_cos_and_sqr_mom():
     rec = RecordPG()
     learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=ranger, cbs=rec)
     with learn.no_bar(), learn.no_logging(): learn.fit_flat_cos(1, 1e-2)
-    lr0 = [l[0] for l in rec.lrs]
+    lr0 = [l[0] for l in rec.seen_lrs]
     assert lr0[:7] == pytest.approx([1e-2]*7) and lr0[-1] < 1e-2
     # sqr_mom is betas[1], and Ranger's lookahead alpha keeps its own name
     learn.opt.set_hyper('sqr_mom', 0.98)
