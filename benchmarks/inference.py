@@ -31,6 +31,10 @@ def variants(arch, channels_last, bnet_at='all'):
     res = {'unfused BN': bn, 'fused BN': fuse_bnet(bn)[0], 'unfused BNET': bnet, 'fused BNET': fuse_bnet(bnet)[0]}
     return {k: v.to(memory_format=mf) for k, v in res.items()}
 
+def _time(f, x):
+    "Seconds one call `f(x)` takes."
+    t = time.perf_counter(); f(x); return time.perf_counter() - t
+
 def bnet_shapes(model, x):
     "Input shape of every BNET in `model` (with how many BNETs share it) when `model(x)` runs."
     seen = []
@@ -54,9 +58,6 @@ def pass_costs(shapes, channels_last, repeats=5):
             res['BN pass'] += n * med(bn, x) * 1e3; res['depthwise pass'] += n * med(dw, x) * 1e3
     return res
 
-def _time(f, x):
-    t = time.perf_counter(); f(x); return time.perf_counter() - t
-
 def bench(models, x, repeats, warmup=2):
     "Median images/s of each model, timing one batch per model per repeat, alternating models."
     times = {k: [] for k in models}
@@ -65,7 +66,7 @@ def bench(models, x, repeats, warmup=2):
             for _ in range(warmup): m(x)
         for _ in progress_bar(range(repeats)):
             for k, m in models.items():
-                t = time.perf_counter(); m(x); times[k].append(time.perf_counter() - t)
+                times[k].append(_time(m, x))
     return {k: len(x) / statistics.median(v) for k, v in times.items()}
 
 def fold_ceiling(ips, costs, bs):
