@@ -18,8 +18,8 @@ def test_readme_follows_index(tmp_path):
     nb = json.loads((root/'nbs'/'index.ipynb').read_text())
     hidden = next(c for c in nb['cells'] if ''.join(c['source']).startswith('#| hide'))
     hidden['source'] = ''.join(hidden['source']) + '\n_only_in_a_hidden_cell = 1'
-    md = next(c for c in nb['cells'] if c['cell_type'] == 'markdown' and '## Install' in ''.join(c['source']))
-    md['source'] = ''.join(md['source']).replace('## Install', '## Install\n\nA sentence only this copy has.')
+    md = next(c for c in nb['cells'] if c['cell_type'] == 'markdown' and '## Two commands' in ''.join(c['source']))
+    md['source'] = ''.join(md['source']).replace('## Two commands', '## Two commands\n\nA sentence only this copy has.')
     (tmp_path/'nbs'/'index.ipynb').write_text(json.dumps(nb))
     txt = readme_md(tmp_path)
     assert 'A sentence only this copy has.' in txt and txt != (root/'README.md').read_text()
