@@ -10,6 +10,7 @@ import json, os, random, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import AttrDict
+from fastcore.imports import in_notebook
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 from fastai.learner import Learner, SkipToEpoch
@@ -198,13 +199,14 @@ def train_run(cfg:AttrDict, # From `train_config`
     set_seed(seed, reproducible=True)
     dls = get_dls(cfg, check=False, exclude=exclude)
     learn = build_learner(cfg, norm, dls, run_dir)
-    if not sys.stdout.isatty(): learn.remove_cb(ProgressCallback) # a log file gets `EpochLines`, not bar redraws
+    plain = not (sys.stdout.isatty() or in_notebook()) # a log file gets `EpochLines`, not progress-bar redraws
+    if plain: learn.remove_cb(ProgressCallback)
     if state:
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
     cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp] + norm_stats_cbs(run_dir.name)
-    if not sys.stdout.isatty() and is_rank0(): cbs.append(EpochLines())
+    if plain and is_rank0(): cbs.append(EpochLines())
     # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
     if cp.start: cbs.append(SkipToEpoch(cp.start))
     try:
