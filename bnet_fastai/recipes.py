@@ -18,7 +18,7 @@ from .optimizers import get_opt
 
 # %% auto #0
 __all__ = ['TRAIN_DEFAULTS', 'LEADERBOARD_NOTES', 'recipe_registry', 'POOLS', 'LEADERBOARD_URL', 'leaderboard_dataset',
-           'leaderboard_recipe', 'resolve_options', 'model_kwargs', 'loss_func', 'opt_func', 'leaderboard',
+           'leaderboard_recipe', 'resolve_options', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func', 'leaderboard',
            'published_entry', 'leaderboard_comparison']
 
 # %% ../nbs/12_recipes.ipynb #0bb76f21
@@ -85,15 +85,15 @@ def resolve_options(recipe:str, # A name from `recipe_registry`
     return o, {k: v for k, v in explicit.items() if k in rec}
 
 # %% ../nbs/12_recipes.ipynb #b28b0073
-def model_kwargs(cfg:dict) -> dict:
+def cfg_model_kwargs(cfg:dict) -> dict:
     "The architecture arguments `cfg` sets: `sa=True` and fastai's `MaxPool`, where asked for."
     return {**({'sa': True} if cfg['sa'] else {}), **({'pool': POOLS[cfg['pool']]} if cfg['pool'] != 'avg' else {})}
 
-def loss_func(cfg:dict):
+def cfg_loss_func(cfg:dict):
     "fastai's `LabelSmoothingCrossEntropyFlat` when `cfg` smooths labels; `None` keeps the data's default loss."
     return LabelSmoothingCrossEntropyFlat(eps=cfg['label_smoothing']) if cfg['label_smoothing'] else None
 
-def opt_func(cfg:dict):
+def cfg_opt_func(cfg:dict):
     "`cfg`'s optimizer from `opt_registry`, with the `mom`/`sqr_mom`/`eps` that `cfg` sets bound in."
     hypers = {k: cfg[k] for k in ('mom', 'sqr_mom', 'eps') if cfg[k] is not None}
     return partial(get_opt(cfg['opt']), **hypers) if hypers else get_opt(cfg['opt'])

@@ -26,7 +26,7 @@ from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
-from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, model_kwargs, loss_func, opt_func, leaderboard_comparison
+from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
@@ -150,10 +150,10 @@ class RunLogger(CSVLogger):
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     "A `Learner` for one run of `cfg` with `norm`: model from `arch_registry`, optimizer from `opt_registry`."
     n_out = len(dls.vocab)
-    model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act), **model_kwargs(cfg))
+    model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act), **cfg_model_kwargs(cfg))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
     cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
-    return Learner(dls, model, loss_func=loss_func(cfg), opt_func=opt_func(cfg), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
+    return Learner(dls, model, loss_func=cfg_loss_func(cfg), opt_func=cfg_opt_func(cfg), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
 _names = {'top_k_accuracy': 'top5'}
 
