@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import AttrDict
 from fastcore.imports import in_notebook
-from fastcore.script import call_parse
+from typing import Annotated
+from fastcore.script import call_parse, bool_arg
 from fastai.torch_core import set_seed
 from fastai.learner import Learner, SkipToEpoch
 from fastai.callback.core import Callback
@@ -26,6 +27,7 @@ from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
+from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
 from .fastai_patches import enable_cpu_amp
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
@@ -47,11 +49,15 @@ def _check_dataset(dataset):
 
 def _split(s) -> list: return [o.strip() for o in str(s).split(',') if o.strip()]
 
-def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at='all', act='relu', opt='ranger',
-                 epochs=5, lr=4e-3, bs=64, size=None, sched='flat_cos', wd=1e-2, seeds='0', mixup=0.,
-                 bf16=False, channels_last=False, workers=None, sync_bn=False) -> AttrDict:
-    "Check every training option and return them as one config; raise a `ValueError` naming any bad value."
+def train_config(dataset='imagenette', arch=None, norm='bn,bnet', bnet_at='all', act=None, opt=None,
+                 epochs=5, lr=None, bs=None, size=None, sched=None, wd=None, seeds='0', mixup=None,
+                 bf16=False, channels_last=False, workers=None, sync_bn=False,
+                 sa=None, label_smoothing=None, pool=None, mom=None, sqr_mom=None, eps=None, recipe='none') -> AttrDict:
+    "Check every training option and return them as one config; raise a `ValueError` naming any bad value. An option left `None` takes `recipe`'s value, else `TRAIN_DEFAULTS`'."
     _check_dataset(dataset)
+    if size is None: size = 32 if dataset == 'digits' else 128
+    o, overrides = resolve_options(recipe, dataset, int(size), int(epochs), {k: v for k, v in locals().items() if k in TRAIN_DEFAULTS})
+    arch, act, opt, lr, bs, sched, wd, mixup = (o[k] for k in ('arch', 'act', 'opt', 'lr', 'bs', 'sched', 'wd', 'mixup'))
     _check_choice('arch', arch, arch_registry)
     norms = _split(norm)
     if not norms: raise ValueError(f"no norm given; valid norms: {', '.join(norm_registry)}")
@@ -64,10 +70,11 @@ def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at
     if not seeds: raise ValueError("no seed given; pass seeds like '0,1,2'")
     for k, v in dict(epochs=epochs, bs=bs).items():
         if int(v) < 1: raise ValueError(f"{k} must be at least 1; got {v}")
-    if size is None: size = 32 if dataset == 'digits' else 128
     return AttrDict(dataset=str(dataset), arch=arch, norms=norms, bnet_at=bnet_at, act=act, opt=opt, epochs=int(epochs),
                     lr=float(lr), bs=int(bs), size=int(size), sched=sched, wd=float(wd), seeds=seeds, mixup=float(mixup),
-                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn))
+                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
+                    sa=bool(o['sa']), label_smoothing=float(o['label_smoothing']), pool=o['pool'], mom=o['mom'], sqr_mom=o['sqr_mom'],
+                    eps=o['eps'], recipe=recipe, overrides=overrides, recipe_notes=list(LEADERBOARD_NOTES) if recipe == 'leaderboard' else [])
 
 # %% ../nbs/08_train.ipynb #935182de
 def get_dls(cfg:AttrDict, # From `train_config`
@@ -162,11 +169,11 @@ class EpochLines(Callback):
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     "A `Learner` for one run of `cfg` with `norm`: model from `arch_registry`, optimizer from `opt_registry`."
     n_out = len(dls.vocab)
-    model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act))
+    model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act), **cfg_model_kwargs(cfg))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
     if cfg.bf16: enable_cpu_amp() # fastai's `MixedPrecision` autocasts only on CUDA unless asked
     cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
-    return Learner(dls, model, opt_func=get_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
+    return Learner(dls, model, loss_func=cfg_loss_func(cfg), opt_func=cfg_opt_func(cfg), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
 _names = {'top_k_accuracy': 'top5'}
 
@@ -265,7 +272,7 @@ def write_outputs(out:Path, # The output folder
                  ) -> str:
     "Write `summary.md` and `curves.png` for all the runs in `out`; return the table."
     out = Path(out)
-    table = summary_table(results)
+    table = summary_table(results) + leaderboard_comparison(cfg, results)
     head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}\n\n"
     (out/'summary.md').write_text(head + table + '\n')
     hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s in cfg.seeds] for n in cfg.norms}
@@ -280,7 +287,8 @@ def write_run(run_dir:Path, metrics:dict):
     _atomic_write(Path(run_dir)/'metrics.json', lambda f: Path(f).write_text(json.dumps(metrics, indent=2)))
 
 # %% ../nbs/08_train.ipynb #4113590b
-_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'bf16', 'channels_last')
+_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'bf16', 'channels_last',
+         'sa', 'label_smoothing', 'pool', 'mom', 'sqr_mom', 'eps', 'recipe')
 
 def _check_out(out:Path, cfg:AttrDict, resume:bool):
     "Refuse to mix runs with different settings in one folder."
@@ -330,19 +338,19 @@ def train(out:str|Path='runs', # Output folder
 @call_parse
 def main(
     dataset:str='imagenette', # imagenette, imagewoof, digits, or a folder holding train/<class>/ and val/<class>/
-    arch:str='xresnet18', # Architecture: a name from `arch_registry`
+    arch:str=None, # Architecture: a name from `arch_registry` (default: xresnet18)
     norm:str='bn,bnet', # Norms to train and compare, comma-separated names from `norm_registry`
     bnet_at:str='all', # all: the norm everywhere; last: only at each residual branch's last norm (BN elsewhere)
-    act:str='relu', # Activation: a name from `act_registry`
-    opt:str='ranger', # Optimizer: a name from `opt_registry`
+    act:str=None, # Activation: a name from `act_registry` (default: relu)
+    opt:str=None, # Optimizer: a name from `opt_registry` (default: ranger)
     epochs:int=5, # Epochs per run
-    lr:float=4e-3, # Peak learning rate
-    bs:int=64, # Batch size
+    lr:float=None, # Peak learning rate (default: 4e-3)
+    bs:int=None, # Batch size (default: 64)
     size:int=None, # Image side (default: 32 for digits, 128 otherwise)
-    sched:str='flat_cos', # Schedule: one_cycle or flat_cos (fastai's fit_one_cycle / fit_flat_cos)
-    wd:float=1e-2, # Weight decay
+    sched:str=None, # Schedule: one_cycle or flat_cos (fastai's fit_one_cycle / fit_flat_cos; default: flat_cos)
+    wd:float=None, # Weight decay (default: 1e-2)
     seeds:str='0', # Seeds, comma-separated; each norm is trained once per seed
-    mixup:float=0., # MixUp alpha; 0 turns it off
+    mixup:float=None, # MixUp alpha; 0 turns it off (default: 0)
     bf16:bool=False, # Train in bfloat16 mixed precision
     channels_last:bool=False, # Use the channels-last memory format
     workers:int=None, # Data-loader worker processes (default: fastai's)
@@ -351,6 +359,13 @@ def main(
     sync_bn:bool=False, # Under a distributed launcher: synchronise BatchNorm statistics (BNET's included) across processes
     keep_checkpoints:bool=False, # Keep each finished run's checkpoint (with optimizer state), not only its weights (model.pth)
     skip_bad_images:bool=False, # Leave out images that cannot be decoded, with a warning naming them, instead of stopping
+    sa:Annotated[bool_arg, dict(nargs='?', const=True)]=None, # fastai's SimpleSelfAttention in the XResNet; `--sa` or `--sa False` (default: off)
+    label_smoothing:float=None, # Label-smoothing eps for fastai's LabelSmoothingCrossEntropyFlat; 0 is plain cross-entropy (default: 0)
+    pool:str=None, # Pool on the residual blocks' downsampling shortcut: avg or max (fastai's AvgPool / MaxPool; default: avg)
+    mom:float=None, # Optimizer momentum (first-moment decay); one_cycle schedules its own (default: the optimizer's)
+    sqr_mom:float=None, # Optimizer second-moment decay (default: the optimizer's)
+    eps:float=None, # Optimizer epsilon (default: the optimizer's)
+    recipe:str='none', # none, or leaderboard: arch, act, opt, lr, bs, sched, wd, mixup, sa, label-smoothing, pool, mom, sqr-mom and eps at fastai's Imagenette leaderboard values; options given explicitly win
 ):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds."
     try: table = train(**{k: v for k, v in locals().items()})
