@@ -104,14 +104,16 @@ opt_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'm
 
 # %% ../nbs/06_optimizers.ipynb #a4051670
 def _follow_params(opt:torch.optim.Optimizer):
-    "Move every state tensor shaped like its parameter to the parameter's device and dtype, where the model has moved since."
+    "Move the state tensors of each parameter (moments, slow weights, scalar norms) to the parameter's device and dtype."
     for o in (opt, getattr(opt, 'optimizer', None)): # Lookahead keeps its slow weights beside the inner optimizer's state
         if o is None: continue
         for p, st in o.state.items():
             if not isinstance(p, torch.Tensor): continue
             for k, v in st.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and (v.device != p.device or v.dtype != p.dtype):
-                    st[k] = v.to(p.device, p.dtype)
+                # torch keeps `step` counters on the CPU in float32 unless `capturable`; leave them as torch put them
+                if k == 'step' or not isinstance(v, torch.Tensor): continue
+                dtype = p.dtype if v.is_floating_point() else v.dtype
+                if v.device != p.device or v.dtype != dtype: st[k] = v.to(p.device, dtype)
 
 class GroupOptimWrapper(OptimWrapper):
     "`OptimWrapper` that honours fastai's `do_wd` through param groups, keeps its state with the parameters, and clears `Lookahead` state correctly."
