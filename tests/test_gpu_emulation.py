@@ -147,3 +147,12 @@ def test_onnx_check_tolerates_tf32(monkeypatch):
     monkeypatch.setattr(bd, '_tf32', lambda device: True)
     assert bd.export_onnx(m, x)[:2] == b'\x08\x08'
     with pytest.raises(RuntimeError, match='atol=0.0001'): bd.export_onnx(m, x, atol=1e-4)
+
+# ---- the real-device script -----------------------------------------------------------------------------------
+
+def test_gpu_check_script_runs():
+    "benchmarks/gpu_check.py imports and, without CUDA, says it skipped and exits 0."
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]), 'CUDA_VISIBLE_DEVICES': ''}
+    r = subprocess.run([sys.executable, str(root/'benchmarks'/'gpu_check.py')], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'no CUDA device: skipped' in r.stdout
