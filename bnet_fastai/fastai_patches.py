@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, `to_bf16()`/`to_fp16()` autocast on the data's device, and fastai's `DistributedDL` runs on CPUs.
+"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, fastai's `DistributedDL` runs on CPUs, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -17,7 +17,7 @@ from .models.xresnet import NormXResNet, xsenet154
 from .distributed import sync_bn_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'mp_before_fit', 'dl_broadcast', 'dl_rng', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'dl_broadcast', 'dl_rng', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
@@ -42,6 +42,13 @@ def mp_before_fit(self):
     dtype = torch.bfloat16 if AMPMode(self.amp_mode) == AMPMode.BF16 else torch.float16
     self.autocast, self.learn.scaler = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs)
 
+# %% ../nbs/03_fastai_patches.ipynb #c1a7e5d2
+def enable_cpu_amp(enable:bool=True, # `False` restores fastai's own `MixedPrecision.before_fit`
+                  ):
+    "Opt in: make `to_bf16()`/`to_fp16()` autocast on the data's device (CPUs included), not only on CUDA."
+    _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
+    MixedPrecision.before_fit = mp_before_fit if enable else _originals['MixedPrecision.before_fit']
+
 # %% ../nbs/03_fastai_patches.ipynb #9adeabbd
 def dl_broadcast(self, t:list, rank:int) -> list:
     "Broadcast the list `t` from `rank`, on CUDA for nccl and on the CPU for other backends."
@@ -57,7 +64,7 @@ def dl_rng(self) -> random.Random:
 _originals = {}
 
 def apply_patches():
-    "Install every patch listed above (BNET as a norm, `norm=` for fastai's builders, device-aware mixed precision, CPU `DistributedDL`). Safe to call again."
+    "Install every patch listed above (BNET as a norm, `norm=` for fastai's builders, CPU `DistributedDL`). Safe to call again."
     tc, tr = fastai.torch_core, fastai.callback.training
     tc.norm_types = tuple(tc.norm_types) + tuple(t for t in (BNET, *sync_bn_types) if t not in tc.norm_types)
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
@@ -66,8 +73,6 @@ def apply_patches():
     fx.XResNet = NormXResNet
     _originals.setdefault('xsenet154', fx.xsenet154)
     fx.xsenet154 = xsenet154
-    _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
-    MixedPrecision.before_fit = mp_before_fit
     _originals.setdefault('DistributedDL._broadcast', fdist.DistributedDL._broadcast)
     fdist.DistributedDL._broadcast = dl_broadcast
     fdist.DistributedDL.rng = property(dl_rng)

@@ -25,6 +25,7 @@ from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt, HessianBackward
 from .activations import act_registry, get_act
+from .fastai_patches import enable_cpu_amp
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
@@ -145,6 +146,7 @@ def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     n_out = len(dls.vocab)
     model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
+    if cfg.bf16: enable_cpu_amp() # fastai's `MixedPrecision` autocasts only on CUDA unless asked
     cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
     return Learner(dls, model, opt_func=get_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 

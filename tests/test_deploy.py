@@ -6,6 +6,7 @@ from fastai.vision.all import Learner, Callback, CrossEntropyLossFlat, load_lear
 from bnet_fastai.layers import BNET
 from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
 from bnet_fastai.deploy import fuse_bnet, export_onnx
+from bnet_fastai.fastai_patches import enable_cpu_amp
 from _digits import digits_dls
 
 _bn = nn.modules.batchnorm._BatchNorm
@@ -105,8 +106,10 @@ class EveryBatch(Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('precision,dtype', [('to_bf16', torch.bfloat16), ('to_fp16', torch.float16)])
-def test_mixed_precision_training_digits(precision, dtype):
-    "fastai's own `to_bf16()`/`to_fp16()` train a BNET model in that dtype on the CPU (fastai alone would stay in fp32)."
+def test_mixed_precision_training_digits(precision, dtype, request):
+    "After `enable_cpu_amp()`, fastai's own `to_bf16()`/`to_fp16()` train a BNET model in that dtype on the CPU (fastai alone stays in fp32)."
+    enable_cpu_amp()
+    request.addfinalizer(lambda: enable_cpu_amp(False))
     dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)  # native 8×8: half-precision convolutions are slow on CPUs without bf16/fp16 units
     learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10), loss_func=CrossEntropyLossFlat()), precision)()
     seen, scaling = set(), set()
