@@ -15,13 +15,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import AttrDict
 from fastcore.net import free_port
-from fastai.torch_core import num_distrib, rank_distrib, find_bs
+from fastai.torch_core import num_distrib, rank_distrib, find_bs, distrib_barrier
 from fastai.learner import Learner, AvgMetric, AvgLoss
 from fastai.callback.core import Callback
 import fastai.distributed # adds `Learner.distrib_ctx`
 
 # %% auto #0
-__all__ = ['sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'barrier', 'gather_objects',
+__all__ = ['barrier', 'sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'gather_objects',
            'rank_item', 'CPUSyncBatchNorm', 'to_sync_bn', 'launch_cmd', 'GatheredAvgMetric', 'GatheredAvgLoss',
            'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
 
@@ -47,9 +47,7 @@ def init_distributed():
 
 def _initialized() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-def barrier():
-    "Wait until every process reaches this point (nothing to wait for in one process)."
-    if _initialized(): dist.barrier()
+barrier = distrib_barrier # fastai's: waits for every process of a launched run, returns at once in one process
 
 def gather_objects(obj) -> list:
     "`obj` from every rank, in rank order (`[obj]` in one process)."
@@ -84,6 +82,7 @@ class CPUSyncBatchNorm(_BatchNorm):
     def forward(self, x):
         if not self._syncs(): return super().forward(x)
         self._check_input_dim(x)
+        dtype, x = x.dtype, x.float() # statistics in fp32, as BatchNorm keeps them under bf16/fp16 autocast
         group = self.process_group or dist.group.WORLD
         dims, shape = [0, *range(2, x.ndim)], (1, -1) + (1,) * (x.ndim - 2)
         # Global mean, then the global variance around it: two passes, as stable as BatchNorm's own
@@ -98,7 +97,7 @@ class CPUSyncBatchNorm(_BatchNorm):
                 self.running_mean.lerp_(mean, f)
                 self.running_var.lerp_(var * n / (n - 1), f)
         y = xc * torch.rsqrt(var + self.eps).view(shape)
-        return y if self.weight is None else y * self.weight.view(shape) + self.bias.view(shape)
+        return (y if self.weight is None else y * self.weight.view(shape) + self.bias.view(shape)).to(dtype)
 
     @classmethod
     def from_bn(cls, bn:_BatchNorm, process_group=None):
@@ -178,8 +177,9 @@ def distrib_run(learn:Learner, # The learner to train
         object.__setattr__(learn.recorder, 'loss', old[1])
 
 def unwrap(model:nn.Module) -> nn.Module:
-    "The model inside DDP's wrapper, whose state dict loads in any number of processes."
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    "The model inside DDP's (or `torch.compile`'s) wrapper, whose state dict loads in any number of processes."
+    from accelerate.utils import extract_model_from_parallel # imported only by runs that save a model
+    return extract_model_from_parallel(model)
 
 # %% ../nbs/09_distributed.ipynb #876c8567
 NORM_STATS_ENV = 'BNET_NORM_STATS_DIR'

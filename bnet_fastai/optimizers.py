@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/optimizers.html.md"""
 
 # %% ../nbs/06_optimizers.ipynb #ae93eee9
 from __future__ import annotations
-import sys, warnings
+import warnings
 from collections import defaultdict
 from functools import partial
 import torch
@@ -17,7 +17,6 @@ from fastcore.basics import ifnone, range_of
 from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, Lookahead as FastaiLookahead, detuplify_pg, set_item_pg
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from fastai.learner import Learner
 import fastai.callback.schedule # fit_one_cycle, fit_flat_cos, fine_tune
 
 # %% auto #0
@@ -79,8 +78,7 @@ class RangerLars(po.Lookahead):
 
 # %% ../nbs/06_optimizers.ipynb #4eda2a2d
 _no_graph_msg = ("AdaHessian needs the gradients' graph: call `loss.backward(create_graph=True)`. "
-                 "With a fastai `Learner`, `opt_func=adahessian` adds the `HessianBackward` callback for you; "
-                 "if you built the optimizer yourself, pass `cbs=HessianBackward()` to the `Learner`.")
+                 "With a fastai `Learner`, pass `cbs=HessianBackward()` with `opt_func=adahessian`, which makes the `Learner` do that.")
 
 class AdaHessian(_DeviceForeach, po.AdaHessian):
     "Adam-like steps preconditioned by a Hutchinson estimate of the Hessian diagonal; needs `loss.backward(create_graph=True)`."
@@ -105,25 +103,31 @@ class AdaHessian(_DeviceForeach, po.AdaHessian):
 opt_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}
 
 # %% ../nbs/06_optimizers.ipynb #a4051670
-def _layer_groups(params) -> list:
-    "fastai passes either one iterable of parameters or a list of layer groups."
-    ps = list(params)
-    if ps and isinstance(ps[0], dict): raise TypeError("pass parameters or lists of parameters, not param-group dicts")
-    return [list(g) for g in ps] if ps and not isinstance(ps[0], torch.Tensor) else [ps]
+def _follow_params(opt:torch.optim.Optimizer):
+    "Move the state tensors of each parameter (moments, slow weights, scalar norms) to the parameter's device and dtype."
+    for o in (opt, getattr(opt, 'optimizer', None)): # Lookahead keeps its slow weights beside the inner optimizer's state
+        if o is None: continue
+        for p, st in o.state.items():
+            if not isinstance(p, torch.Tensor): continue
+            for k, v in st.items():
+                # torch keeps `step` counters on the CPU in float32 unless `capturable`; leave them as torch put them
+                if k == 'step' or not isinstance(v, torch.Tensor): continue
+                dtype = p.dtype if v.is_floating_point() else v.dtype
+                if v.device != p.device or v.dtype != dtype: st[k] = v.to(p.device, dtype)
 
 class GroupOptimWrapper(OptimWrapper):
-    "`OptimWrapper` that honours fastai's `do_wd` through param groups and clears `Lookahead` state correctly."
-    def __init__(self, params, # fastai layer groups (a list of lists of parameters) or one iterable of parameters
-                 opt, # A torch optimizer class, or one already built on `params`' layer groups in the same order
+    "`OptimWrapper` that honours fastai's `do_wd` through param groups, keeps its state with the parameters, and clears `Lookahead` state correctly."
+    def __init__(self, params=None, # fastai layer groups (a list of lists of parameters) or one iterable of parameters
+                 opt=None, # A torch optimizer class, or one already built (then leave out `params`)
                  hp_map:dict=None, # pytorch → fastai hyper-parameter names; defaults to `opt_hp_map`
                  **kwargs): # Passed to `opt` when it is a class
-        self.layer_groups, self.hp_map = _layer_groups(params), ifnone(hp_map, opt_hp_map)
-        if not isinstance(opt, torch.optim.Optimizer): opt = opt([{'params': g} for g in self.layer_groups], **kwargs)
-        if len(opt.param_groups) != len(self.layer_groups): raise ValueError("a built `opt` needs one param group per layer group")
-        super().__init__(opt=opt, hp_map=self.hp_map)
-        self._wd = [pg.get('weight_decay', 0.) for pg in opt.param_groups]
+        self.hp_map = ifnone(hp_map, opt_hp_map)
+        # fastai turns layer groups into param groups (`convert_groups`); each layer group is one param group until `_regroup`
+        super().__init__(params, opt, hp_map=self.hp_map, convert_groups=True, **kwargs)
+        self.layer_groups = [list(pg['params']) for pg in self.opt.param_groups]
+        self._wd = [pg.get('weight_decay', 0.) for pg in self.opt.param_groups]
         self._parts = [(i, True) for i in range_of(self.layer_groups)] # (layer group, decayed?) of each torch param group
-        self._n_state = 0
+        self._n_state, self._placed = 0, None
 
     @property
     def param_lists(self): return self.layer_groups
@@ -162,6 +166,8 @@ class GroupOptimWrapper(OptimWrapper):
 
     def step(self, closure=None):
         self._regroup()
+        placed = [(p.device, p.dtype) for g in self.layer_groups for p in g]
+        if placed != self._placed: _follow_params(self.opt); self._placed = placed # the model moved, or this is the first step
         return self.opt.step(closure)
 
     def clear_state(self):
@@ -182,6 +188,7 @@ class GroupOptimWrapper(OptimWrapper):
     def load_state_dict(self, sd):
         self._regroup()
         self.opt.load_state_dict(sd)
+        self._placed = None # loaded onto the parameters' placement now; the model may still move before the next step
 
 # %% ../nbs/06_optimizers.ipynb #1fd476fb
 def _unwrap(opt):
@@ -210,19 +217,6 @@ class HessianBackward(Callback):
             self.learn.loss_grad.backward(create_graph=True)
         raise CancelBackwardException
 
-# %% ../nbs/06_optimizers.ipynb #5ac776b5
-def _calling_learner(depth:int=12):
-    "The `Learner` whose method (e.g. `create_opt`) is calling an opt_func, if any."
-    f = sys._getframe(1)
-    for _ in range(depth):
-        if f is None: return None
-        if isinstance(f.f_locals.get('self'), Learner): return f.f_locals['self']
-        f = f.f_back
-
-def _add_hessian_cb():
-    learn = _calling_learner()
-    if learn is not None and not any(isinstance(cb, HessianBackward) for cb in learn.cbs): learn.add_cb(HessianBackward())
-
 # %% ../nbs/06_optimizers.ipynb #e8427480
 def ranger(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-5,
            k:int=6, # Lookahead: steps between slow-weight updates
@@ -245,8 +239,7 @@ def ranger_lars(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:fl
 def adahessian(params, lr:float=0.15, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-4,
                hessian_power:float=1., # Exponent of the Hessian diagonal in the denominator
                **kwargs) -> GroupOptimWrapper:
-    "fastai opt_func for `AdaHessian`; adds `HessianBackward` to the calling `Learner`"
-    _add_hessian_cb()
+    "fastai opt_func for `AdaHessian`; the `Learner` needs `cbs=HessianBackward()`"
     return GroupOptimWrapper(params, AdaHessian, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, hessian_power=hessian_power, **kwargs)
 
 class _AdaMod(_DeviceForeach, po.AdaMod): pass
@@ -271,7 +264,7 @@ def novograd(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.98, wd:float
 def _lookahead(params, opt_func, k:int=6, alpha:float=0.5, **kwargs):
     inner = opt_func(params, **kwargs)
     if isinstance(inner, GroupOptimWrapper):
-        return GroupOptimWrapper(inner.layer_groups, po.Lookahead(inner.opt, k=k, alpha=alpha), hp_map=inner.hp_map)
+        return GroupOptimWrapper(opt=po.Lookahead(inner.opt, k=k, alpha=alpha), hp_map=inner.hp_map)
     if isinstance(inner, FastaiOptimizer): return FastaiLookahead(inner, k=k, alpha=alpha)
     raise TypeError(f"lookahead cannot wrap {type(inner).__name__}; use an opt_func from `opt_registry` or a fastai one")
 

@@ -25,7 +25,7 @@ from fastai.metrics import accuracy, top_k_accuracy
 from .data import digits_dls, imagenette_dls, image_folder_dls, IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
 from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
-from .optimizers import opt_registry, get_opt
+from .optimizers import opt_registry, get_opt, HessianBackward
 from .activations import act_registry, get_act
 from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
 from .fastai_patches import enable_cpu_amp
@@ -202,7 +202,8 @@ def train_run(cfg:AttrDict, # From `train_config`
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # left by a kill during a save
-    state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
+    # onto the CPU, where the model is built: the optimizer state follows the parameters to their device at the first step
+    state = torch.load(ckpt, map_location='cpu', weights_only=False) if resume and ckpt.exists() else None
     set_seed(seed, reproducible=True)
     dls = get_dls(cfg, check=False, exclude=exclude)
     learn = build_learner(cfg, norm, dls, run_dir)
@@ -212,7 +213,7 @@ def train_run(cfg:AttrDict, # From `train_config`
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
-    cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp] + norm_stats_cbs(run_dir.name)
+    cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp, HessianBackward()] + norm_stats_cbs(run_dir.name)
     if plain and is_rank0(): cbs.append(EpochLines())
     # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
     if cp.start: cbs.append(SkipToEpoch(cp.start))

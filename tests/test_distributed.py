@@ -1,5 +1,5 @@
 "`bnet-train` in 2 CPU processes (gloo, loopback): SyncBatchNorm, rank-0-only outputs, whole-set metrics, kill and resume."
-import os, signal, subprocess, time
+import copy, os, signal, subprocess, time
 from pathlib import Path
 import pandas as pd, psutil, pytest, torch
 from torch import nn
@@ -108,3 +108,23 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     pd.testing.assert_series_equal(h.iloc[0].drop('time'), first.iloc[0].drop('time'))
     assert not ckpt.exists() # the finished run keeps its weights only
     assert (out/'bnet_s0'/'model.pth').exists() and (out/'bnet_s0'/'metrics.json').exists() and (out/'summary.md').exists()
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_cpu_sync_bn_under_autocast(dtype, monkeypatch):
+    "`--bf16 --sync-bn` on gloo: `CPUSyncBatchNorm` in a one-process group under autocast matches BatchNorm there, in the input's dtype."
+    import torch.distributed as dist
+    from fastcore.net import free_port
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port("127.0.0.1")}', rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(CPUSyncBatchNorm, '_syncs', lambda self: True) # the synchronised path, though the group has one process
+        torch.manual_seed(0)
+        conv, bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        sbn = CPUSyncBatchNorm.from_bn(copy.deepcopy(bn))
+        x = torch.randn(4, 3, 8, 8)
+        with torch.autocast('cpu', dtype=dtype):
+            h = conv(x)
+            want, got = bn(h), sbn(h)
+        assert h.dtype == dtype and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(sbn.running_mean, bn.running_mean, atol=1e-2, rtol=1e-2)
+    finally: dist.destroy_process_group()

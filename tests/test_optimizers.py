@@ -1,5 +1,6 @@
 "Acceptance tests for `bnet_fastai.optimizers`: the wrapping keeps pytorch_optimizer's maths, fastai schedules it, weight decay skips norms and biases."
-import math, copy, pytest, torch
+import math, copy, re, pytest, torch
+from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 import pytorch_optimizer as po
@@ -13,6 +14,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.metrics import accuracy
 import fastai.callback.schedule
+from _digits import digits_dls
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
 
@@ -76,7 +78,7 @@ def test_equivalence_with_pytorch_optimizer(name):
     xs, ys = tiny_batches(n)
     torch.manual_seed(0); net = tiny_net(); ref = copy.deepcopy(net); init = copy.deepcopy(net.state_dict())
 
-    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, cbs=SeedBeforeStep())
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, cbs=[SeedBeforeStep(), HessianBackward()])
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr_max)
 
     # By hand: decayed and undecayed groups in model order, fastai's schedule written out above.
@@ -116,7 +118,7 @@ def test_one_cycle_schedules_lr_and_mom(name):
     n = 10
     xs, ys = tiny_batches(n)
     rec = RecordPG()
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=rec)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=[rec, HessianBackward()])
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
     assert len(rec.seen_lrs) == n
     for i, (lrs, moms) in enumerate(zip(rec.seen_lrs, rec.seen_moms)):
@@ -147,7 +149,7 @@ def test_weight_decay_groups(name, wd_bn_bias):
     xs, ys = tiny_batches(2)
     opt_func = lookahead('ralamb') if name.startswith('lookahead') else get_opt(name)
     net = tiny_net()
-    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, wd_bn_bias=wd_bn_bias)
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, wd_bn_bias=wd_bn_bias, cbs=HessianBackward())
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     names = {id(p): k for k, p in net.named_parameters()}
     wd_of = {names[id(p)]: g['weight_decay'] for g in learn.opt.opt.param_groups for p in g['params']}
@@ -173,19 +175,32 @@ def test_freeze_unfreeze_ranger_lars():
     assert not torch.equal(s0['9.weight'], s1['9.weight'])               # head trains
     assert not torch.equal(s1['0.weight'], s2['0.weight'])               # unfrozen body trains
 
+class BodySnapshots(Callback):
+    "The body's weights when each fit starts and ends."
+    order = 100
+    def before_fit(self): self.snaps = getattr(self, 'snaps', []) + [self.learn.model[0].weight.detach().clone()]
+    def after_fit(self): self.snaps.append(self.learn.model[0].weight.detach().clone())
+
 @pytest.mark.parametrize('name', list(opt_registry))
 def test_fine_tune(name):
+    "fine_tune's frozen epoch leaves the body's conv alone and trains the head; the unfrozen epoch trains the body too."
     xs, ys = tiny_batches(2)
     split = lambda m: [list(m[:4].parameters()), list(m[4:].parameters())]
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), splitter=split)
+    snaps = BodySnapshots()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), splitter=split,
+                    cbs=[snaps, HessianBackward()])
+    head0 = learn.model[9].weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
+    (f0, f1), (u0, u1) = snaps.snaps[:2], snaps.snaps[2:]
+    assert torch.equal(f0, f1) and not torch.equal(u0, u1)
+    assert not torch.equal(head0, learn.model[9].weight)
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
 
 # ---- AdaHessian precision -------------------------------------------------------------------------------------
 
 def test_adahessian_bf16_and_fp16():
     xs, ys = tiny_batches(2)
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian).to_bf16()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian, cbs=HessianBackward()).to_bf16()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
     learn.to_fp32().to_fp16()
@@ -205,14 +220,14 @@ def test_adahessian_double_backward_under_bf16_autocast():
 
 def test_adahessian_without_callback_says_what_to_add():
     xs, ys = tiny_batches(1)
-    net = tiny_net()
-    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=adahessian)
-    learn.create_opt(); learn.remove_cb(HessianBackward)
-    # built outside a Learner method, so nothing registers the callback
-    learn.opt_func = lambda ps, **kw: GroupOptimWrapper(ps, AdaHessian, **kw)
-    learn.create_opt()
-    with pytest.raises(RuntimeError, match='HessianBackward'):
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian)
+    with pytest.raises(RuntimeError, match=r'cbs=HessianBackward\(\)'):
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+
+def test_no_stack_inspection():
+    "The opt_funcs find no Learner by looking up the call stack."
+    src = (Path(bnet_fastai.__file__).parent).rglob('*.py')
+    assert not [f.name for f in src if re.search(r'_getframe|inspect\.stack|currentframe', f.read_text())]
 
 def test_lookahead_wraps_fastai_optimizers():
     import fastai.optimizer as fo
@@ -230,20 +245,6 @@ def test_bad_names():
 
 # ---- convergence on real data ---------------------------------------------------------------------------------
 
-def digits_dls(size=16, bs=64, seed=0):
-    "scikit-learn's 8×8 digits as 3-channel `size`-px images (16 px keeps every pixel and is 4× cheaper than 32), a fixed 80/20 split."
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
-    x = ((x - x.mean()) / x.std()).contiguous()
-    y = torch.tensor(d.target)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = len(x) // 5
-    val, trn = idx[:n_val], idx[n_val:]
-    return DataLoaders(DataLoader(list(zip(x[trn], y[trn])), bs=bs, shuffle=True, drop_last=True),
-                       DataLoader(list(zip(x[val], y[val])), bs=2*bs))
-
 CONVERGE = {'ranger': 1e-2, 'ralamb': 1e-2, 'ranger_lars': 1e-2, 'adahessian': 0.15, 'adamod': 1e-2,
             'diffgrad': 1e-2, 'novograd': 1e-2}
 
@@ -252,7 +253,7 @@ CONVERGE = {'ranger': 1e-2, 'ralamb': 1e-2, 'ranger_lars': 1e-2, 'adahessian': 0
 def test_digits_convergence(name):
     torch.manual_seed(0)
     learn = Learner(digits_dls(), xresnet18(n_out=10, norm='bnet'), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
-                    opt_func=get_opt(name))
+                    opt_func=get_opt(name), cbs=HessianBackward()) # the callback does nothing for the others
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, CONVERGE[name])
     acc = learn.validate()[1]
     assert acc >= 0.9, f'{name}: {acc:.3f}'
