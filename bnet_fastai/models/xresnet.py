@@ -131,6 +131,9 @@ def arch_builder(name:str, # Name of the builder and its key in `arch_registry`
         def build(pretrained=False, **kwargs): return make(pretrained, kwargs)
     n_pos = len(args)
     build = delegates(model.__init__, keep=True, but=list(inspect.signature(model.__init__).parameters)[1:n_pos+1])(build)
+    sig = inspect.signature(build)  # show this builder's defaults, not the model class's
+    build.__signature__ = sig.replace(parameters=[q.replace(default=defaults[q.name]) if q.name in defaults and q.kind == q.KEYWORD_ONLY
+                                                  else q for q in sig.parameters.values()])
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc or f"`{name}` from fastai's XResNet family, with `norm=` and `bnet_at=`."
     return register_arch(name)(build)
