@@ -141,7 +141,7 @@ def arch_builder(name:str, # Name of the builder and its key in `arch_registry`
 def _builder(name, *args, **defaults): return arch_builder(name, NormXResNet, *args, **defaults)
 
 # %% ../../nbs/02_xresnet.ipynb #6dff10c6
-g0, g1, g2, g3 = [2,2,2,2], [3,4,6,3], [3,4,23,3], [3,8,36,3]
+g0, g1, g2, g3 = fx.g0, fx.g1, fx.g2, fx.g3
 se1, se2, se3 = fx.se_kwargs1, fx.se_kwargs2, fx.se_kwargs3
 
 xresnet18  = _builder('xresnet18',  ResBlock, 1, g0)
