@@ -9,8 +9,7 @@ from __future__ import annotations
 import importlib.abc, importlib.util, inspect, random, sys, warnings
 import torch, torch.distributed as dist
 from torch import nn
-import fastai.torch_core, fastai.callback.training
-from fastai.callback.fp16 import MixedPrecision, AMPMode
+import fastai.torch_core
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
 
@@ -22,7 +21,7 @@ __all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'dl_broadcast', 'dl
 def set_bn_eval(m:nn.Module, use_eval=True)->None:
     "Set bn layers in eval mode for all recursive children of `m`; fastai's, with a BNET treated as one norm."
     for l in m.children():
-        if isinstance(l, fastai.callback.training.bn_types + (BNET,)):
+        if isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BNET)):  # fastai's `bn_types`, and BNET
             p = next(l.parameters(), None)  # a BNET's inner BatchNorm has no parameters of its own
             if p is not None and not p.requires_grad:
                 if use_eval: l.eval()
@@ -39,6 +38,7 @@ def mp_before_fit(self):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         _originals['MixedPrecision.before_fit'](self)
+    from fastai.callback.fp16 import AMPMode
     dtype = torch.bfloat16 if AMPMode(self.amp_mode) == AMPMode.BF16 else torch.float16
     self.autocast, self.learn.scaler = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs)
 
@@ -46,6 +46,7 @@ def mp_before_fit(self):
 def enable_cpu_amp(enable:bool=True, # `False` restores fastai's own `MixedPrecision.before_fit`
                   ):
     "Opt in: make `to_bf16()`/`to_fp16()` autocast on the data's device (CPUs included), not only on CUDA."
+    from fastai.callback.fp16 import MixedPrecision
     _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
     MixedPrecision.before_fit = mp_before_fit if enable else _originals['MixedPrecision.before_fit']
 
@@ -106,16 +107,18 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 def when_imported(name:str, fn):
-    "Call `fn(module)` now if module `name` is imported, else right after it is."
+    "Call `fn(module)` now if module `name` is imported, else right after it is (importing some fastai modules changes `defaults`)."
     if name in sys.modules: return fn(sys.modules[name])
     if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path): sys.meta_path.insert(0, _AfterImport(name, fn))
+
+def _patch_training(tr):
+    _originals.setdefault('set_bn_eval', tr.set_bn_eval)
+    tr.set_bn_eval = set_bn_eval
 
 def apply_patches():
     "Install every patch in the table above, each only where fastai needs it. Safe to call again."
     _add_norm_types(BNET, nn.SyncBatchNorm)
-    tr = fastai.callback.training
-    _originals.setdefault('set_bn_eval', tr.set_bn_eval)
-    tr.set_bn_eval = set_bn_eval
+    when_imported('fastai.callback.training', _patch_training)
     if xsenet154_broken(_originals.setdefault('xsenet154', fx.xsenet154)): fx.xsenet154 = fastai_xsenet154
     when_imported('fastai.distributed', patch_distributed)
     when_imported('bnet_fastai.distributed', lambda m: _add_norm_types(*m.sync_bn_types))
