@@ -130,15 +130,15 @@ BEHAVIOUR = textwrap.dedent('''
     from fastai.layers import ResBlock
     torch.manual_seed(0); x = XResNet(ResBlock, 1, [2,2,2,2], 0.5, n_out=3)
     out['XResNet'] = [type(x).__module__, type(x).__name__, x[-2].p, sum(p.numel() for p in x.parameters())]
-    out['XResNet_sig'] = str(inspect.signature(XResNet))
+    out['XResNet_sig'] = list(inspect.signature(XResNet).parameters)
     torch.manual_seed(0); x = xresnet18(n_out=3)
     r = subprocess.run([sys.executable, '-c', 'import pickle, sys; m = pickle.load(sys.stdin.buffer); '
                         'print(type(m).__module__, type(m).__name__, sum(p.numel() for p in m.parameters()), "bnet_fastai" in sys.modules)'],
                        input=pickle.dumps(x), capture_output=True)
     out['pickle'] = r.stdout.decode().strip() or r.stderr.decode()[-300:]
     from fastai.callback.fp16 import MixedPrecision
-    xy = [(torch.randn(3, 6, 6), torch.tensor(i % 2)) for i in range(16)]
     torch.manual_seed(0)
+    xy = [(torch.randn(3, 6, 6), torch.tensor(i % 2)) for i in range(16)]
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
     learn = Learner(DataLoaders.from_dsets(xy, xy, bs=8, device='cpu'), net, loss_func=nn.CrossEntropyLoss()).to_fp16()
     with warnings.catch_warnings():
