@@ -11,24 +11,39 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['act_registry', 'Swish', 'Mila', 'BentID', 'get_act']
+__all__ = ['act_registry', 'register_act', 'Swish', 'Mila', 'BentID', 'get_act']
+
+# %% ../nbs/04_activations.ipynb #5a7c1e93
+act_registry = {'relu': nn.ReLU, 'lrelu': nn.LeakyReLU, 'silu': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU}
+
+def register_act(name:str|None=None): # Registry key; the class's `__name__`, lowercased, if `None`
+    "Decorator: register an activation class in `act_registry`."
+    def _reg(cls):
+        act_registry[name or cls.__name__.lower()] = cls
+        return cls
+    return _reg
 
 # %% ../nbs/04_activations.ipynb #8b7b3c1e
-class Swish(nn.Module):
-    "Swish: `x·σ(βx)`; `β=1` is SiLU."
+@register_act('swish')
+class Swish(nn.SiLU):
+    "Swish: `x·σ(βx)`; `β=1` is SiLU. Takes fastai's `Swish` (PyTorch's `SiLU`) arguments first."
     def __init__(self,
+                 inplace:bool=False, # As `nn.SiLU`: overwrite the input (only at the default `β=1`, not learnable)
                  beta:float=1.0, # Slope inside the sigmoid
                  learnable:bool=False, # Make `beta` a parameter the optimiser trains
                 ):
-        super().__init__()
-        self.learnable = learnable
+        super().__init__(inplace)
+        self.learnable, self.silu = learnable, not learnable and float(beta) == 1.0
         # A parameter moves with the model; a plain float needs no device at all.
         self.beta = nn.Parameter(torch.tensor(float(beta))) if learnable else float(beta)
 
-    def forward(self, x): return x * torch.sigmoid(self.beta * x)
-    def extra_repr(self): return f'beta={float(self.beta):g}' + (', learnable=True' if self.learnable else '')
+    def forward(self, x):
+        if self.silu: return F.silu(x, inplace=self.inplace)
+        return x * torch.sigmoid(self.beta * x)
+    def extra_repr(self): return f'beta={float(self.beta):g}' + (', learnable=True' if self.learnable else '') + (', inplace=True' if self.inplace else '')
 
 # %% ../nbs/04_activations.ipynb #9592ebae
+@register_act('mila')
 class Mila(nn.Module):
     "Mila: `x·tanh(softplus(x+β))`, a Mish shifted by `β`."
     def __init__(self,
@@ -41,22 +56,12 @@ class Mila(nn.Module):
     def extra_repr(self): return f'beta={self.beta:g}'
 
 # %% ../nbs/04_activations.ipynb #02cf085e
+@register_act('bent_id')
 class BentID(nn.Module):
     "Bent identity: `x + (√(x²+1) − 1)/2`."
     def forward(self, x): return x + (torch.sqrt(x*x + 1) - 1) / 2
 
 # %% ../nbs/04_activations.ipynb #074ca8bb
-act_registry = {
-    'relu':    nn.ReLU,
-    'lrelu':   nn.LeakyReLU,
-    'swish':   Swish,
-    'silu':    nn.SiLU,
-    'mila':    Mila,
-    'mish':    nn.Mish,
-    'bent_id': BentID,
-    'gelu':    nn.GELU,
-}
-
 def get_act(act:str|callable='relu', # A name from `act_registry`, or an activation class (or factory) taking no arguments
            ) -> callable:
     "The activation class named `act`, or `act` itself when it is already a class or factory."

@@ -24,5 +24,8 @@ from .fastai_patches import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
 _public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches']
+# Names fastai also exports with another meaning: a star import after fastai's must not shadow them.
+# `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` or `opt_func='ranger'`.
+_unlike_fastai = {'ranger'}
 # `import *` re-exports only what `__all__` names, so collect every public module's names here.
-__all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__]
+__all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__ if n not in _unlike_fastai]

@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai changes fastai: BNET counts as a norm, fastai's own XResNet builders take `norm=`, fastai's `DistributedDL` runs on CPUs, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
+"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -6,29 +6,28 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
 # %% ../nbs/03_fastai_patches.ipynb #0b9d2c21
 from __future__ import annotations
-import random, warnings
+import importlib.abc, importlib.util, inspect, random, sys, warnings
 import torch, torch.distributed as dist
 from torch import nn
-import fastai.torch_core, fastai.callback.training, fastai.distributed as fdist
-from fastai.callback.fp16 import MixedPrecision, AMPMode
+import fastai.torch_core
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
-from .models.xresnet import NormXResNet, xsenet154
-from .distributed import sync_bn_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'dl_broadcast', 'dl_rng', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'dl_broadcast', 'dl_rng', 'xsenet154_broken', 'fastai_xsenet154',
+           'broadcast_needs_cpu_fix', 'patch_distributed', 'when_imported', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
-def set_bn_eval(m:nn.Module, use_eval_train:bool=True):
-    "Set frozen norm layers (BatchNorm, or BNET as a whole) in `m` to eval mode."
+def set_bn_eval(m:nn.Module, use_eval=True)->None:
+    "Set bn layers in eval mode for all recursive children of `m`; fastai's, with a BNET treated as one norm."
     for l in m.children():
-        ps = list(l.parameters()) if isinstance(l, fastai.callback.training.bn_types + (BNET,)) else []
-        if ps and not ps[0].requires_grad:
-            if use_eval_train: l.eval()
-            else: l.train(False)
-        # A BNET is one norm: its inner BatchNorm has no parameters of its own.
-        if not isinstance(l, BNET): set_bn_eval(l, use_eval_train)
+        if isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BNET)):  # fastai's `bn_types`, and BNET
+            p = next(l.parameters(), None)  # a BNET's inner BatchNorm has no parameters of its own
+            if p is not None and not p.requires_grad:
+                if use_eval: l.eval()
+                else:        l.train()
+        # fastai recurses with the default `use_eval`; kept so results match fastai's exactly.
+        if not isinstance(l, BNET): set_bn_eval(l)
 
 # %% ../nbs/03_fastai_patches.ipynb #996d11b1
 def mp_before_fit(self):
@@ -39,6 +38,7 @@ def mp_before_fit(self):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         _originals['MixedPrecision.before_fit'](self)
+    from fastai.callback.fp16 import AMPMode
     dtype = torch.bfloat16 if AMPMode(self.amp_mode) == AMPMode.BF16 else torch.float16
     self.autocast, self.learn.scaler = torch.autocast(dev, dtype=dtype), torch.amp.GradScaler(dev, **self.kwargs)
 
@@ -46,6 +46,7 @@ def mp_before_fit(self):
 def enable_cpu_amp(enable:bool=True, # `False` restores fastai's own `MixedPrecision.before_fit`
                   ):
     "Opt in: make `to_bf16()`/`to_fp16()` autocast on the data's device (CPUs included), not only on CUDA."
+    from fastai.callback.fp16 import MixedPrecision
     _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
     MixedPrecision.before_fit = mp_before_fit if enable else _originals['MixedPrecision.before_fit']
 
@@ -63,16 +64,61 @@ def dl_rng(self) -> random.Random:
 # %% ../nbs/03_fastai_patches.ipynb #bda898ec
 _originals = {}
 
-def apply_patches():
-    "Install every patch listed above (BNET as a norm, `norm=` for fastai's builders, CPU `DistributedDL`). Safe to call again."
-    tc, tr = fastai.torch_core, fastai.callback.training
-    tc.norm_types = tuple(tc.norm_types) + tuple(t for t in (BNET, *sync_bn_types) if t not in tc.norm_types)
+def xsenet154_broken(fn) -> bool:
+    "Whether `fn` (fastai's `xsenet154`) passes something other than an int as `XResNet`'s expansion; checked with a stand-in `XResNet`, so nothing is built."
+    orig = fx.XResNet
+    fx.XResNet = lambda block, expansion, *args, **kwargs: expansion
+    try: return not isinstance(fn(), int)
+    except TypeError: return True
+    finally: fx.XResNet = orig
+
+def fastai_xsenet154(n_out=1000, pretrained=False, **kwargs):
+    "fastai's `xsenet154` as fastai meant it: SE blocks, expansion 4, layers [3,8,36,3], groups 64, reduction 16, dropout 0.2."
+    return fx.XResNet(fx.SEBlock, 4, fx.g3, n_out=n_out, **{**dict(groups=64, reduction=16, p=0.2), **kwargs})
+
+def broadcast_needs_cpu_fix(fn) -> bool:
+    "Whether `fn` (fastai's `DistributedDL._broadcast`) always moves the list to CUDA."
+    try: return '.cuda()' in inspect.getsource(fn)
+    except (OSError, TypeError): return False
+
+# %% ../nbs/03_fastai_patches.ipynb #5e0c2a17
+def patch_distributed(fdist=None):
+    "Fix fastai's `DistributedDL` on CPUs (where its `_broadcast` still needs it) and give it `rng`."
+    fdist = fdist or sys.modules['fastai.distributed']
+    DDL = fdist.DistributedDL
+    if broadcast_needs_cpu_fix(_originals.setdefault('DistributedDL._broadcast', DDL._broadcast)): DDL._broadcast = dl_broadcast
+    if not hasattr(DDL, 'rng'): DDL.rng = property(dl_rng)
+
+def _add_norm_types(*types):
+    tc = fastai.torch_core
+    tc.norm_types = tuple(tc.norm_types) + tuple(t for t in types if t not in tc.norm_types)
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    "Call `fn(module)` right after module `name` is first imported, so patching it never imports it early."
+    def __init__(self, name, fn): self.name, self.fn = name, fn
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name: return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None: return spec
+        exec_module, fn = spec.loader.exec_module, self.fn
+        def exec_and_patch(module): exec_module(module); fn(module)
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+def when_imported(name:str, fn):
+    "Call `fn(module)` now if module `name` is imported, else right after it is (importing some fastai modules changes `defaults`)."
+    if name in sys.modules: return fn(sys.modules[name])
+    if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path): sys.meta_path.insert(0, _AfterImport(name, fn))
+
+def _patch_training(tr):
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
     tr.set_bn_eval = set_bn_eval
-    _originals.setdefault('XResNet', fx.XResNet)
-    fx.XResNet = NormXResNet
-    _originals.setdefault('xsenet154', fx.xsenet154)
-    fx.xsenet154 = xsenet154
-    _originals.setdefault('DistributedDL._broadcast', fdist.DistributedDL._broadcast)
-    fdist.DistributedDL._broadcast = dl_broadcast
-    fdist.DistributedDL.rng = property(dl_rng)
+
+def apply_patches():
+    "Install every patch in the table above, each only where fastai needs it. Safe to call again."
+    _add_norm_types(BNET, nn.SyncBatchNorm)
+    when_imported('fastai.callback.training', _patch_training)
+    if xsenet154_broken(_originals.setdefault('xsenet154', fx.xsenet154)): fx.xsenet154 = fastai_xsenet154
+    when_imported('fastai.distributed', patch_distributed)
+    when_imported('bnet_fastai.distributed', lambda m: _add_norm_types(*m.sync_bn_types))

@@ -13,27 +13,33 @@ from fastai.layers import BatchNorm, InstanceNorm, NormType
 from .layers import BNET
 
 # %% auto #0
-__all__ = ['norm_registry', 'norm_names', 'check_norm', 'make_norm']
+__all__ = ['norm_registry', 'register_norm', 'norm_names', 'check_norm', 'get_norm', 'make_norm']
 
 # %% ../nbs/01_norms.ipynb #196793a4
+norm_registry = {}
+
+def register_norm(name:str, # Registry key, the name users pass as `norm=`
+                  *names:str): # Further names for the same factory
+    "Decorator: register a norm factory `f(nf, ndim=2, zero=False)` in `norm_registry`."
+    def _reg(f):
+        for n in (name, *names): norm_registry[n] = f
+        return f
+    return _reg
+
 def _zero_bias(norm):
     "fastai's norms start with bias 1e-3 until `init_cnn` zeroes it; start at 0 so `zero=True` really outputs 0."
     norm.bias.data.zero_()
     return norm
 
+@register_norm('bn')
 def _bn(nf, ndim=2, zero=False): return _zero_bias(BatchNorm(nf, ndim=ndim, norm_type=NormType.BatchZero if zero else NormType.Batch))
+register_norm('bnet', 'bnet3')(partial(BNET, ks=3))
+register_norm('bnet5')(partial(BNET, ks=5))
+register_norm('bnet7')(partial(BNET, ks=7))
+@register_norm('in')
 def _in(nf, ndim=2, zero=False): return _zero_bias(InstanceNorm(nf, ndim=ndim, norm_type=NormType.InstanceZero if zero else NormType.Instance))
+@register_norm('none')
 def _none(nf, ndim=2, zero=False): return nn.Identity()
-
-norm_registry = {
-    'bn':    _bn,
-    'bnet':  partial(BNET, ks=3),
-    'bnet3': partial(BNET, ks=3),
-    'bnet5': partial(BNET, ks=5),
-    'bnet7': partial(BNET, ks=7),
-    'in':    _in,
-    'none':  _none,
-}
 
 # %% ../nbs/01_norms.ipynb #e04ff26b
 def norm_names() -> list:
@@ -47,6 +53,12 @@ def check_norm(norm) -> None:
         hint = ' (BNET kernel sizes must be odd)' if isinstance(norm, str) and norm.startswith('bnet') else ''
         raise ValueError(f"unknown norm {norm!r}{hint}; valid names: {', '.join(norm_registry)} "
                          "(or a callable taking nf)")
+
+def get_norm(norm:str|callable='bn', # A name from `norm_registry`, or a factory taking `nf`
+            ) -> callable:
+    "The norm factory named `norm` (call it with `nf` to build a layer), or `norm` itself when it is callable."
+    check_norm(norm)
+    return norm if callable(norm) else norm_registry[norm]
 
 # %% ../nbs/01_norms.ipynb #e8c9de94
 def _call_factory(f, nf, ndim, zero):
@@ -64,4 +76,4 @@ def make_norm(norm:str|callable='bn', # A name from `norm_registry`, or a class/
              ) -> nn.Module:
     "Turn a norm name (or callable) into a module for `nf` channels."
     check_norm(norm)
-    return _call_factory(norm if callable(norm) else norm_registry[norm], nf, ndim, zero)
+    return _call_factory(get_norm(norm), nf, ndim, zero)

@@ -7,9 +7,8 @@ import bnet_fastai  # applies the fastai patches
 from bnet_fastai.layers import BNET
 from bnet_fastai.norms import make_norm, norm_registry
 from bnet_fastai.models import xresnet as bx
-from bnet_fastai.fastai_patches import _originals
 
-FastaiXResNet = _originals['XResNet']
+FastaiXResNet = fx.XResNet
 n_params = lambda m: sum(p.numel() for p in m.parameters())
 FASTAI_BUILDERS = {n for n in fx.__all__ if n.startswith('x') and callable(getattr(fx, n))}
 BUILDERS = sorted(FASTAI_BUILDERS)
@@ -17,7 +16,9 @@ BUILDERS = sorted(FASTAI_BUILDERS)
 def fastai_xresnet50(**kw): return FastaiXResNet(ResBlock, 4, [3, 4, 6, 3], **kw)
 
 def test_every_fastai_builder_has_a_counterpart():
-    assert len(FASTAI_BUILDERS) == 31 and FASTAI_BUILDERS <= set(bx.arch_registry)
+    "Each fastai builder has one of ours under the same name, which builds our class (fastai's stays fastai's)."
+    assert FASTAI_BUILDERS <= set(bx.arch_registry)
+    assert all(bx.arch_registry[n] is not getattr(fx, n) and getattr(bx, n) is bx.arch_registry[n] for n in FASTAI_BUILDERS)
 
 def test_bn_is_fastais_model():
     torch.manual_seed(3); ours = bx.xresnet50(norm='bn', n_out=10)
@@ -56,13 +57,22 @@ def _check_zero_init(m, x):
     assert outs and max(outs) == 0
     return y
 
+# One builder per block family at full size; the rest at a small width, which keeps the depth and the layout.
+FULL = {'xresnet50', 'xse_resnet50', 'xse_resnext50'}
+def _size(name):
+    if name in FULL: return {}
+    return dict(widen=0.5 if 'resnext' in name else 0.25, **({'groups': 1} if name == 'xsenet154' else {}))
+def _combos(name):
+    # xsenet154 is 91M parameters at full size: one small build covers its layout.
+    return [('bnet', 'last')] if name == 'xsenet154' else [(n, a) for n in ('bn', 'bnet', 'bnet5') for a in ('all', 'last')]
+
 @pytest.mark.parametrize('name', BUILDERS)
 def test_builder_norm_matrix(name):
     "Every builder x norm x placement runs forward and backward; residual-last norms output 0 at init."
     x = torch.randn(2, 3, 64, 64)
-    for norm in ('bn', 'bnet', 'bnet5'):
-        for at in ('all', 'last'):
-            m = bx.arch_registry[name](n_out=7, norm=norm, bnet_at=at)
+    for norm, at in _combos(name):
+        if True:
+            m = bx.arch_registry[name](n_out=7, norm=norm, bnet_at=at, **_size(name))
             assert isinstance(m, FastaiXResNet)
             y = _check_zero_init(m, x)
             assert y.shape == (2, 7)
@@ -75,18 +85,17 @@ def test_builder_norm_matrix(name):
             elif at == 'last': assert n_bnet == n_last
             else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
 
-def test_fastai_builders_take_norm_after_import():
-    m = fx.xresnet50(norm='bnet', n_out=10)
-    assert sum(isinstance(o, BNET) for o in m.modules()) == sum(isinstance(o, nn.BatchNorm2d) for o in fastai_xresnet50().modules())
-    # fixed upstream bug: xsenet154 builds
-    assert isinstance(fx.xsenet154(n_out=3), FastaiXResNet)
+def test_fastai_builders_unchanged_after_import():
+    "fastai's builders do not take `norm=`: ours do (`bx.xresnet50`)."
+    with pytest.raises(TypeError, match='norm'): fx.xresnet50(norm='bnet', n_out=10)
+    assert type(fx.xresnet18(n_out=3)) is FastaiXResNet and FastaiXResNet is not bx.NormXResNet
 
 def test_patches_idempotent():
     import fastai.torch_core
     from bnet_fastai.fastai_patches import apply_patches
     apply_patches(); apply_patches()
     assert fastai.torch_core.norm_types.count(BNET) == 1
-    assert fx.XResNet is bx.NormXResNet
+    assert fx.XResNet is FastaiXResNet and fx.XResNet.__module__ == 'fastai.vision.models.xresnet'
 
 def test_sync_batchnorm_conversion():
     m = nn.SyncBatchNorm.convert_sync_batchnorm(bx.xresnet18(norm='bnet'))

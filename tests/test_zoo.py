@@ -1,12 +1,12 @@
 "The model zoo: every model × norm × activation runs, round-trips, traces, and matches its reference layout."
-import pytest, torch
+import inspect, pytest, torch
 from torch import nn
 import bnet_fastai  # applies the fastai patches
 from fastai.vision.models import xresnet as fx
 from bnet_fastai.layers import BNET
 from bnet_fastai.activations import Mila, Swish, BentID
 from bnet_fastai.models import xresnet as bx
-from bnet_fastai.models.zoo import zoo, mininet, xsemininet, mininest_ba, mininest_bn
+from bnet_fastai.models.zoo import zoo_registry as zoo, mininet, xsemininet, mininest_ba, mininest_bn
 from bnet_fastai.models.zoo import NormResNet, _branch_last_norm
 
 NORMS = ['bn', 'bnet', 'bnet5']
@@ -23,16 +23,23 @@ def _one_thread():
 @pytest.fixture(scope='module')
 def xb(): return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
+@pytest.fixture(scope='module')
+def n_bns():
+    "The number of BatchNorms in each zoo model built with BatchNorm."
+    return {n: sum(isinstance(b, nn.BatchNorm2d) for b in zoo[n](n_out=7).modules()) for n in zoo}
+
 @pytest.mark.parametrize('norm', NORMS)
 @pytest.mark.parametrize('name', list(zoo))
-def test_matrix(name, norm, xb):
+def test_matrix(name, norm, xb, n_bns):
     "fwd+bwd gives (2, n_out) and finite grads; a state_dict round trip into a fresh model gives identical outputs."
     for act, cls in ACTS.items():
         torch.manual_seed(0)
         m = zoo[name](n_out=7, norm=norm, act_cls=act)
         acts = [a for a in m.modules() if isinstance(a, tuple(ACTS.values()))]
         assert acts and all(isinstance(a, cls) for a in acts), (act, {type(a) for a in acts})
-        assert sum(isinstance(b, BNET) for b in m.modules()) > 0 if norm != 'bn' else True
+        n_bnet, n_bn = (sum(isinstance(b, t) for b in m.modules()) for t in (BNET, nn.BatchNorm2d))
+        # BNET replaces every norm: as many as the BatchNorm model has (each BNET holds one plain BatchNorm)
+        assert (n_bnet, n_bn) == ((0, n_bn) if not norm.startswith('bnet') else (n_bns[name], n_bns[name]))
         y = m(xb)
         assert y.shape == (2, 7)
         y.square().mean().backward()
@@ -83,7 +90,7 @@ def test_mininest_bn_is_timm_resnest14d(xb):
 
 def test_xmininet_is_fastai(xb):
     torch.manual_seed(5); m = zoo['xmininet'](n_out=10).eval()
-    torch.manual_seed(5); ref = bnet_fastai.fastai_patches._originals['XResNet'](fx.ResBlock, 1, [1,1,1,1], n_out=10).eval()
+    torch.manual_seed(5); ref = fx.XResNet(fx.ResBlock, 1, [1,1,1,1], n_out=10).eval()
     with torch.no_grad(): torch.testing.assert_close(m(xb), ref(xb), atol=0, rtol=0)
 
 def _branch_outputs(m, x):
@@ -128,14 +135,17 @@ def test_sa_and_xresnet_options(xb):
         m(xb).sum().backward()
 
 def test_act_cls_by_name_on_fastai_builders(xb):
-    "fastai's own builders (routed through NormXResNet) and ours take act_cls by name or class."
-    for m in (fx.xresnet18(n_out=3, act_cls='mila'), bx.xse_resnext18(n_out=3, act_cls=Mila)):
+    "Our XResNet builders take act_cls by name or class."
+    for m in (bx.xresnet18(n_out=3, act_cls='mila'), bx.xse_resnext18(n_out=3, act_cls=Mila)):
         acts = {type(a) for a in m.modules() if isinstance(a, (nn.ReLU, Mila))}
         assert acts == {Mila}
         assert m(xb).shape == (2, 3)
 
-def test_zoo_in_arch_registry():
-    for name, build in zoo.items(): assert bx.arch_registry[name] is build
+def test_zoo_builders_like_fastais():
+    "The zoo builders come from the XResNet family's `arch_builder`: fastai's `pretrained` first, and no weights to load."
+    for name, build in zoo.items():
+        assert list(inspect.signature(build).parameters)[0] == 'pretrained' and build.__name__ == name
+        with pytest.raises(ValueError, match=f'{name}.*no pretrained weights'): build(True)
 
 @pytest.mark.slow
 def test_learner_trains_xsemininet():

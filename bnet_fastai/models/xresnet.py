@@ -1,4 +1,4 @@
-"""fastai's XResNet family with `norm=` reaching every norm, BNET's zero init, and the authors' `bnet_at='last'` placement.
+"""fastai's XResNet family with `norm=` reaching every norm, BNET's zero init, the authors' `bnet_at='last'` placement, and one registry of architectures.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/xresnet.html.md"""
 
@@ -6,11 +6,13 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/xresnet.html.md"""
 
 # %% ../../nbs/02_xresnet.ipynb #1e5abec9
 from __future__ import annotations
+import inspect
 from collections import OrderedDict
 from fastcore.meta import delegates
 from torch import nn
 from fastai.layers import ConvLayer, ResBlock, SEBlock, SEResNeXtBlock, defaults
 from fastai.vision.models import xresnet as fx
+from fastai.vision.learner import model_meta
 from ..layers import BNET
 from ..norms import make_norm, check_norm
 from ..activations import get_act
@@ -22,7 +24,7 @@ __all__ = ['arch_registry', 'g0', 'g1', 'g2', 'g3', 'se1', 'se2', 'se3', 'xresne
            'xresnext18', 'xresnext34', 'xresnext50', 'xresnext101', 'xse_resnext18', 'xse_resnext34', 'xse_resnext50',
            'xse_resnext101', 'xse_resnext18_deep', 'xse_resnext34_deep', 'xse_resnext50_deep', 'xse_resnext18_deeper',
            'xse_resnext34_deeper', 'xse_resnext50_deeper', 'xsenet154', 'residual_last_norms', 'set_norms',
-           'NormXResNet']
+           'NormXResNet', 'register_arch', 'get_arch', 'arch_builder', 'with_norm']
 
 # %% ../../nbs/02_xresnet.ipynb #d3200325
 _bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -57,19 +59,22 @@ def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai
 # %% ../../nbs/02_xresnet.ipynb #88c79c9a
 class NormXResNet(fx.XResNet):
     "fastai's `XResNet` where `norm` replaces every norm (stem, conv path and identity path), or only the residual-last ones."
-    @delegates(fx.XResNet.__init__)
-    def __init__(self, block, expansion, layers,
+    @delegates(ResBlock)
+    def __init__(self, block, expansion, layers, p=0.0, c_in=3, n_out=1000,
+                 stem_szs:tuple=(32,32,64), # Widths of the three stem convs; the last one is the first block's input
+                 widen=1.0, sa=False,
+                 act_cls:str|callable=defaults.activation, # An activation class, or a name from `act_registry`
+                 ndim=2, ks=3, stride=2,
                  norm:str|callable|None=None, # A name from `norm_registry` or a callable; `None` keeps fastai's BatchNorm
                  bnet_at:str='all', # 'all': `norm` everywhere; 'last': `norm` only at each residual branch's last norm, BN elsewhere
-                 act_cls:str|callable=defaults.activation, # An activation class, or a name from `act_registry`
-                 stem_szs:tuple=(32,32,64), # Widths of the three stem convs; the last one is the first block's input
                  **kwargs):
         if norm is not None: check_norm(norm)
         if bnet_at not in ('all', 'last'): raise ValueError(f"unknown bnet_at={bnet_at!r}; valid choices: 'all', 'last'")
         if len(stem_szs) != 3 or stem_szs[-1] % expansion:
             raise ValueError(f"stem_szs={stem_szs!r} must be 3 widths, the last a multiple of expansion={expansion}")
         self.stem_szs = tuple(stem_szs)
-        super().__init__(block, expansion, layers, act_cls=get_act(act_cls), stem_szs=stem_szs, **kwargs)
+        super().__init__(block, expansion, layers, p=p, c_in=c_in, n_out=n_out, stem_szs=stem_szs, widen=widen, sa=sa,
+                         act_cls=get_act(act_cls), ndim=ndim, ks=ks, stride=stride, **kwargs)
         self.norm, self.bnet_at = norm, bnet_at
         if norm not in (None, 'bn'): set_norms(self, norm, at=bnet_at)
 
@@ -85,17 +90,58 @@ class NormXResNet(fx.XResNet):
 # %% ../../nbs/02_xresnet.ipynb #7302b521
 arch_registry = {}
 
-def _builder(name, block, expansion, layers, **defaults):
-    "A one-line builder `name(**kwargs)` for `NormXResNet(block, expansion, layers)`, registered in `arch_registry`."
-    @delegates(NormXResNet.__init__, but=['block', 'expansion', 'layers'])
-    def build(**kwargs): return NormXResNet(block, expansion, layers, **{**defaults, **kwargs})
+def register_arch(name:str|None=None): # Registry key; the function's `__name__` if `None`
+    "Decorator: register a model builder in `arch_registry`."
+    def _reg(f):
+        arch_registry[name or f.__name__] = f
+        return f
+    return _reg
+
+def get_arch(arch:str|callable='xresnet18', # A name from `arch_registry`, or a builder
+            ) -> callable:
+    "The builder named `arch` (a function returning a model), or `arch` itself when it is already callable."
+    if isinstance(arch, str) and arch in arch_registry: return arch_registry[arch]
+    if callable(arch) and not isinstance(arch, str): return arch
+    raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(arch_registry)} (or a builder)")
+
+# %% ../../nbs/02_xresnet.ipynb #a1b2c3d4
+def _pretrained_check(name, pretrained, kwargs):
+    "Whether fastai's own pretrained path applies; raises for a norm with no pretrained weights."
+    if not pretrained: return False
+    if getattr(fx, name, None) is None or kwargs.get('norm') not in (None, 'bn'):
+        raise ValueError(f"{name}(pretrained=True, norm={kwargs.get('norm', 'bn')!r}): there are no pretrained weights "
+                         "for this model; use pretrained=False" + (", or norm='bn' for fastai's own" if hasattr(fx, name) else ''))
+    return True
+
+def arch_builder(name:str, # Name of the builder and its key in `arch_registry`
+                 model:type, # The model class, e.g. `NormXResNet`
+                 *args, # Its leading positional arguments, e.g. block, expansion, layers
+                 doc:str|None=None, # The builder's docstring
+                 **defaults): # Default keyword arguments for `model`, which the caller may override
+    "A one-line, registered builder `name(pretrained=False, **kwargs)` returning `model(*args, **defaults, **kwargs)`."
+    fastai_fn = getattr(fx, name, None)
+    def make(pretrained, kwargs):
+        if _pretrained_check(name, pretrained, kwargs):
+            return fastai_fn(pretrained=True, **{k: v for k, v in kwargs.items() if k not in ('norm', 'bnet_at')})
+        return model(*args, **{**defaults, **kwargs})
+    # Same leading parameters as fastai's builder of the same name: `xse_*` take `n_out` first.
+    if fastai_fn is not None and list(inspect.signature(fastai_fn).parameters)[0] == 'n_out':
+        def build(n_out=1000, pretrained=False, **kwargs): return make(pretrained, dict(n_out=n_out, **kwargs))
+    else:
+        def build(pretrained=False, **kwargs): return make(pretrained, kwargs)
+    n_pos = len(args)
+    build = delegates(model.__init__, keep=True, but=list(inspect.signature(model.__init__).parameters)[1:n_pos+1])(build)
+    sig = inspect.signature(build)  # show this builder's defaults, not the model class's
+    build.__signature__ = sig.replace(parameters=[q.replace(default=defaults[q.name]) if q.name in defaults and q.kind == q.KEYWORD_ONLY
+                                                  else q for q in sig.parameters.values()])
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"`{name}` from fastai's XResNet family, with `norm=` and `bnet_at=`."
-    arch_registry[name] = build
-    return build
+    build.__doc__ = doc or f"`{name}` from fastai's XResNet family, with `norm=` and `bnet_at=`."
+    return register_arch(name)(build)
+
+def _builder(name, *args, **defaults): return arch_builder(name, NormXResNet, *args, **defaults)
 
 # %% ../../nbs/02_xresnet.ipynb #6dff10c6
-g0, g1, g2, g3 = [2,2,2,2], [3,4,6,3], [3,4,23,3], [3,8,36,3]
+g0, g1, g2, g3 = fx.g0, fx.g1, fx.g2, fx.g3
 se1, se2, se3 = fx.se_kwargs1, fx.se_kwargs2, fx.se_kwargs3
 
 xresnet18  = _builder('xresnet18',  ResBlock, 1, g0)
@@ -131,3 +177,23 @@ xse_resnext18_deeper = _builder('xse_resnext18_deeper', SEResNeXtBlock, 1, [2,2,
 xse_resnext34_deeper = _builder('xse_resnext34_deeper', SEResNeXtBlock, 1, [3,4,4,2,2,1,1,1], **se2)
 xse_resnext50_deeper = _builder('xse_resnext50_deeper', SEResNeXtBlock, 4, [3,4,4,2,2,1,1,1], **se2)
 xsenet154 = _builder('xsenet154', SEBlock, 4, g3, groups=64, reduction=16, p=0.2)
+
+# %% ../../nbs/02_xresnet.ipynb #6e858b2d
+_xresnet_meta = model_meta[fx.xresnet18]
+for _f in list(arch_registry.values()): model_meta.setdefault(_f, {**_xresnet_meta})
+_with_norm_cache = {}
+
+def with_norm(arch:str|callable, # A builder from `arch_registry` (or its name)
+              norm:str|callable='bnet', # A name from `norm_registry`, or a callable
+              **kwargs): # Other defaults for the builder, e.g. `bnet_at='last'`
+    "A named builder `arch` with `norm` (and `kwargs`) as defaults, registered in fastai's `model_meta` like `arch`."
+    arch = get_arch(arch)
+    key = (arch, norm, tuple(sorted(kwargs.items())))
+    if key in _with_norm_cache: return _with_norm_cache[key]
+    check_norm(norm)
+    def build(pretrained=False, **kw): return arch(pretrained=pretrained, **{'norm': norm, **kwargs, **kw})
+    build.__name__ = build.__qualname__ = f"{arch.__name__}_{norm if isinstance(norm, str) else getattr(norm, '__name__', 'norm')}"
+    build.__doc__ = f"`{arch.__name__}` with norm={norm!r}" + ''.join(f", {k}={v!r}" for k, v in kwargs.items())
+    if arch in model_meta: model_meta[build] = {**model_meta[arch]}
+    _with_norm_cache[key] = build
+    return build

@@ -16,11 +16,11 @@ from timm.models.resnest import ResNestBottleneck
 from ..layers import BNET
 from ..norms import make_norm, check_norm
 from ..activations import get_act
-from .xresnet import NormXResNet, arch_registry
+from .xresnet import NormXResNet, arch_registry, arch_builder
 
 # %% auto #0
-__all__ = ['zoo', 'NormResNet', 'mininet', 'xmininet', 'xsemininet', 'SplitAttnBasicBlock', 'mininest_ba', 'mininest_bn',
-           'resnest50']
+__all__ = ['mininet', 'xmininet', 'xsemininet', 'mininest_ba', 'mininest_bn', 'resnest50', 'zoo_registry', 'NormResNet',
+           'SplitAttnBasicBlock']
 
 # %% ../../nbs/05_zoo.ipynb #5f8a93e5
 def _timm_norm(norm):
@@ -76,39 +76,14 @@ class NormResNet(ResNet):
             setattr(b, n, make_norm(norm, nf, zero=True))
 
 # %% ../../nbs/05_zoo.ipynb #7a3b4843
-@delegates(NormResNet.__init__, but=['block', 'layers'])
-def mininet(c_in:int=3, # Number of input channels
-            n_out:int=1000, # Number of classes
-            norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-            act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-            p:float=0., # Dropout probability before the classifier
-            zero_init_residual:bool=False, # Start each `BasicBlock`'s last norm at zero, as in torchvision
-            **kwargs):
-    "A ResNet-10: torchvision's `BasicBlock` ResNet with layers [1,1,1,1]."
-    return NormResNet(BasicBlock, [1,1,1,1], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p,
-                      zero_init_residual=zero_init_residual, **kwargs)
+mininet = arch_builder('mininet', NormResNet, BasicBlock, [1,1,1,1],
+                       doc="A ResNet-10: torchvision's `BasicBlock` ResNet with layers [1,1,1,1].")
 
 # %% ../../nbs/05_zoo.ipynb #bf8f0d44
-@delegates(NormXResNet.__init__, but=['block', 'expansion', 'layers'])
-def xmininet(c_in:int=3, # Number of input channels
-             n_out:int=1000, # Number of classes
-             norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-             act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-             p:float=0., # Dropout probability before the classifier
-             **kwargs):
-    "fastai's XResNet with expansion 1 and layers [1,1,1,1]."
-    return NormXResNet(ResBlock, 1, [1,1,1,1], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p, **kwargs)
-
-@delegates(NormXResNet.__init__, but=['block', 'expansion', 'layers'])
-def xsemininet(c_in:int=3, # Number of input channels
-               n_out:int=1000, # Number of classes
-               norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-               act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-               p:float=0., # Dropout probability before the classifier
-               **kwargs):
-    "`xmininet` with a squeeze-and-excitation module (reduction 16) in each block."
-    return NormXResNet(SEBlock, 1, [1,1,1,1], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p,
-                       **{'groups': 1, 'reduction': 16, **kwargs})
+xmininet = arch_builder('xmininet', NormXResNet, ResBlock, 1, [1,1,1,1],
+                        doc="fastai's XResNet with expansion 1 and layers [1,1,1,1].")
+xsemininet = arch_builder('xsemininet', NormXResNet, SEBlock, 1, [1,1,1,1], groups=1, reduction=16,
+                          doc="`xmininet` with a squeeze-and-excitation module (reduction 16) in each block.")
 
 # %% ../../nbs/05_zoo.ipynb #589c7f60
 class SplitAttnBasicBlock(BasicBlock):
@@ -131,45 +106,14 @@ class SplitAttnBasicBlock(BasicBlock):
 
 # %% ../../nbs/05_zoo.ipynb #bca98300
 _resnest = dict(stem_type='deep', stem_width=32, avg_down=True)
+_nest_bottleneck = dict(block_args=dict(radix=2, avd=True, avd_first=False), zero_init_residual=True, **_resnest)
 
-@delegates(NormResNet.__init__, but=['block', 'layers'])
-def mininest_ba(c_in:int=3, # Number of input channels
-                n_out:int=1000, # Number of classes
-                norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-                act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-                p:float=0., # Dropout probability before the classifier
-                **kwargs):
-    "ResNeSt-style network of `SplitAttnBasicBlock`s, layers [1,1,1,1], radix 2, deep stem 32-32-64, avg_down."
-    return NormResNet(SplitAttnBasicBlock, [1,1,1,1], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p,
-                      **{**_resnest, 'block_args': dict(radix=2), **kwargs})
-
-@delegates(NormResNet.__init__, but=['block', 'layers'])
-def mininest_bn(c_in:int=3, # Number of input channels
-                n_out:int=1000, # Number of classes
-                norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-                act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-                p:float=0., # Dropout probability before the classifier
-                zero_init_residual:bool=True, # Start each bottleneck's last norm at zero
-                **kwargs):
-    "ResNeSt-14: timm's `ResNestBottleneck`, layers [1,1,1,1], radix 2, deep stem 32-32-64, avg_down, avd."
-    return NormResNet(ResNestBottleneck, [1,1,1,1], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p,
-                      zero_init_residual=zero_init_residual,
-                      **{**_resnest, 'block_args': dict(radix=2, avd=True, avd_first=False), **kwargs})
-
-@delegates(NormResNet.__init__, but=['block', 'layers'])
-def resnest50(c_in:int=3, # Number of input channels
-              n_out:int=1000, # Number of classes
-              norm:str|callable='bn', # A name from `norm_registry`, or a callable taking `nf`
-              act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
-              p:float=0., # Dropout probability before the classifier
-              zero_init_residual:bool=True, # Start each bottleneck's last norm at zero
-              **kwargs):
-    "ResNeSt-50 (the 'd' variant): `mininest_bn` with layers [3,4,6,3]."
-    return NormResNet(ResNestBottleneck, [3,4,6,3], c_in=c_in, n_out=n_out, norm=norm, act_cls=act_cls, p=p,
-                      zero_init_residual=zero_init_residual,
-                      **{**_resnest, 'block_args': dict(radix=2, avd=True, avd_first=False), **kwargs})
+mininest_ba = arch_builder('mininest_ba', NormResNet, SplitAttnBasicBlock, [1,1,1,1], block_args=dict(radix=2), **_resnest,
+    doc="ResNeSt-style network of `SplitAttnBasicBlock`s, layers [1,1,1,1], radix 2, deep stem 32-32-64, avg_down.")
+mininest_bn = arch_builder('mininest_bn', NormResNet, ResNestBottleneck, [1,1,1,1], **_nest_bottleneck,
+    doc="ResNeSt-14: timm's `ResNestBottleneck`, layers [1,1,1,1], radix 2, deep stem 32-32-64, avg_down, avd.")
+resnest50 = arch_builder('resnest50', NormResNet, ResNestBottleneck, [3,4,6,3], **_nest_bottleneck,
+    doc="ResNeSt-50 (the 'd' variant): `mininest_bn` with layers [3,4,6,3].")
 
 # %% ../../nbs/05_zoo.ipynb #4de94131
-zoo = dict(mininet=mininet, xmininet=xmininet, xsemininet=xsemininet,
-           mininest_ba=mininest_ba, mininest_bn=mininest_bn, resnest50=resnest50)
-arch_registry.update(zoo)
+zoo_registry = {n: arch_registry[n] for n in ('mininet', 'xmininet', 'xsemininet', 'mininest_ba', 'mininest_bn', 'resnest50')}
