@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/train.html.md"""
 
 # %% ../nbs/08_train.ipynb #8ab845d0
 from __future__ import annotations
-import json, os, random, sys, time
+import json, os, random, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import AttrDict
@@ -25,7 +25,7 @@ from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
-from .fastai_patches import enable_cpu_amp
+from .precision import PRECISIONS, choose_precision, precision_cbs
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
@@ -48,7 +48,7 @@ def _split(s) -> list: return [o.strip() for o in str(s).split(',') if o.strip()
 
 def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at='all', act='relu', opt='ranger',
                  epochs=5, lr=4e-3, bs=64, size=None, sched='flat_cos', wd=1e-2, seeds='0', mixup=0.,
-                 bf16=False, channels_last=False, workers=None, sync_bn=False) -> AttrDict:
+                 bf16=False, channels_last=False, workers=None, sync_bn=False, precision='auto') -> AttrDict:
     "Check every training option and return them as one config; raise a `ValueError` naming any bad value."
     _check_dataset(dataset)
     _check_choice('arch', arch, arch_registry)
@@ -64,9 +64,14 @@ def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at
     for k, v in dict(epochs=epochs, bs=bs).items():
         if int(v) < 1: raise ValueError(f"{k} must be at least 1; got {v}")
     if size is None: size = 32 if dataset == 'digits' else 128
+    if bf16: # the old flag, kept for one release
+        if precision not in ('auto', 'bf16'): raise ValueError(f"--bf16 contradicts --precision {precision}; drop --bf16 (deprecated)")
+        warnings.warn("--bf16 is deprecated; use --precision bf16", DeprecationWarning)
+        precision = 'bf16'
+    precision, why = choose_precision(precision)
     return AttrDict(dataset=str(dataset), arch=arch, norms=norms, bnet_at=bnet_at, act=act, opt=opt, epochs=int(epochs),
                     lr=float(lr), bs=int(bs), size=int(size), sched=sched, wd=float(wd), seeds=seeds, mixup=float(mixup),
-                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn))
+                    precision=precision, precision_why=why, channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn))
 
 # %% ../nbs/08_train.ipynb #935182de
 def get_dls(cfg:AttrDict, # From `train_config`
@@ -146,8 +151,7 @@ def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     n_out = len(dls.vocab)
     model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
-    if cfg.bf16: enable_cpu_amp() # fastai's `MixedPrecision` autocasts only on CUDA unless asked
-    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
+    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + precision_cbs(cfg.precision) + ([ChannelsLast()] if cfg.channels_last else [])
     return Learner(dls, model, opt_func=get_opt(cfg.opt), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
 _names = {'top_k_accuracy': 'top5'}
@@ -226,7 +230,7 @@ def write_outputs(out:Path, # The output folder
     "Write `summary.md` and `curves.png` for all the runs in `out`; return the table."
     out = Path(out)
     table = summary_table(results)
-    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}\n\n"
+    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
     (out/'summary.md').write_text(head + table + '\n')
     hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s in cfg.seeds] for n in cfg.norms}
     plot_curves(hists, out/'curves.png')
@@ -240,7 +244,7 @@ def write_run(run_dir:Path, metrics:dict):
     _atomic_write(Path(run_dir)/'metrics.json', lambda f: Path(f).write_text(json.dumps(metrics, indent=2)))
 
 # %% ../nbs/08_train.ipynb #4113590b
-_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'bf16', 'channels_last')
+_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'precision', 'channels_last')
 
 def _check_out(out:Path, cfg:AttrDict, resume:bool):
     "Refuse to mix runs with different settings in one folder."
@@ -293,12 +297,13 @@ def main(
     wd:float=1e-2, # Weight decay
     seeds:str='0', # Seeds, comma-separated; each norm is trained once per seed
     mixup:float=0., # MixUp alpha; 0 turns it off
-    bf16:bool=False, # Train in bfloat16 mixed precision
+    bf16:bool=False, # Deprecated: same as --precision bf16
     channels_last:bool=False, # Use the channels-last memory format
     workers:int=None, # Data-loader worker processes (default: fastai's)
     out:str='runs', # Output folder: per-run history, checkpoints and metrics, summary.md, curves.png
     resume:bool=False, # Continue the runs in --out from their last finished epoch
     sync_bn:bool=False, # Under a distributed launcher: synchronise BatchNorm statistics (BNET's included) across processes
+    precision:str='auto', # auto (bf16 where the device has native bf16 units, else fp32), fp32, bf16 or fp16
 ):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds."
     try: table = train(**{k: v for k, v in locals().items()})
