@@ -6,12 +6,13 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/data.html.md"""
 
 # %% ../nbs/07_data.ipynb #fd8a9463
 from __future__ import annotations
-import socket
+import socket, sys, warnings
 from pathlib import Path
 from urllib.error import URLError
 import numpy as np
 from PIL import Image
-from fastai.data.external import untar_data, URLs
+from fastcore.parallel import parallel
+from fastai.data.external import untar_data, URLs, fastai_cfg
 from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.transforms import get_image_files, GrandparentSplitter, RandomSplitter, Normalize
 from fastai.vision.core import PILImage, imagenet_stats
@@ -19,9 +20,9 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize
 
 # %% auto #0
-__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'FolderLabel', 'check_image_folder', 'CheckedPILImage', 'ImageNetCrop',
-           'image_folder_dls', 'imagenette_url', 'get_imagenette', 'imagenette_dls', 'fake_imagenette', 'DigitImage',
-           'digits_dls']
+__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'FolderLabel', 'find_bad_images', 'check_image_folder', 'CheckedPILImage',
+           'ImageNetCrop', 'image_folder_dls', 'imagenette_url', 'get_imagenette', 'imagenette_dls', 'fake_imagenette',
+           'DigitImage', 'digits_dls']
 
 # %% ../nbs/07_data.ipynb #5eb12b51
 IMAGENETTE_CLASSES = {
@@ -40,16 +41,30 @@ class FolderLabel:
     def __call__(self, fn) -> str: return self.name(Path(fn).parent.name)
 
 # %% ../nbs/07_data.ipynb #d0096a6d
-def _check_image(fn:Path):
-    "Open `fn`'s header; raise a `ValueError` naming the file if PIL cannot read it."
+def _decodes(fn:Path) -> bool:
+    "Whether PIL can decode all of `fn`: fastai's `verify_image` check (JPEGs at reduced size, all data read), with the file closed."
+    # fastai's own `verify_image` leaves the file open when decoding fails, which Python reports as a ResourceWarning
     try:
-        with Image.open(fn) as im: im.size
-    except Exception as e: raise ValueError(f"cannot read image {fn}: {e}") from None
+        with Image.open(fn) as im: im.draft(im.mode, (32, 32)); im.load()
+        return True
+    except Exception: return False
+
+def find_bad_images(fns:list, # Image files
+                    progress:bool|None=None, # Show a progress bar; `None`: only when stdout is a terminal
+                   ) -> list:
+    "The files in `fns` that PIL cannot decode in full (truncated or not images), checked on threads."
+    if progress is None: progress = sys.stdout.isatty()
+    ok = parallel(_decodes, fns, threadpool=True, progress=progress)
+    return [f for f, o in zip(fns, ok) if not o]
+
+def _bad_list(bad:list, n:int=5) -> str:
+    return ', '.join(map(str, bad[:n])) + (f" and {len(bad)-n} more" if len(bad) > n else '')
 
 def check_image_folder(path:str|Path, # A folder holding train/<class>/ and val/<class>/ image folders
                        names:dict|None=None, # wnid → class name for the vocab; other folders keep their own name
-                      ) -> list:
-    "Check `path`'s layout and images before any training; return the vocab, in the order of the class folders."
+                       skip_bad:bool=False, # Warn about undecodable images and leave them out, instead of raising
+                      ) -> tuple:
+    "Check `path`'s layout and decode every image before any training; return the vocab (class-folder order) and the bad images."
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f"dataset folder {path} does not exist")
     classes = {}
@@ -60,14 +75,20 @@ def check_image_folder(path:str|Path, # A folder holding train/<class>/ and val/
         if not classes[split]: raise ValueError(f"{path/split} holds no class folders")
     if extra := sorted(set(classes['val']) - set(classes['train'])):
         raise ValueError(f"{path/'val'} has class folders that train/ lacks: {', '.join(extra)}")
-    for split in ('train', 'val'):
-        for c in classes[split]:
-            files = get_image_files(path/split/c)
-            if not files: raise ValueError(f"class folder {path/split/c} holds no images")
-            for f in files: _check_image(f)
+    folders = {path/split/c: get_image_files(path/split/c) for split in ('train', 'val') for c in classes[split]}
+    for d, fs in folders.items():
+        if not fs: raise ValueError(f"class folder {d} holds no images")
+    bad = find_bad_images([f for fs in folders.values() for f in fs])
+    if bad and not skip_bad:
+        raise ValueError(f"cannot read image{'s' if len(bad) > 1 else ''} {_bad_list(bad)} (truncated, or not an image): "
+                         "remove or replace it, or skip such files (skip_bad_images=True, bnet-train --skip-bad-images)")
+    if bad:
+        warnings.warn(f"skipping {len(bad)} image{'s' if len(bad) > 1 else ''} that cannot be read: {_bad_list(bad)}", stacklevel=2)
+        for d, fs in folders.items():
+            if set(fs) <= set(bad): raise ValueError(f"class folder {d} holds no readable images")
     vocab = [FolderLabel(names).name(c) for c in classes['train']]
     if len(set(vocab)) < len(vocab): raise ValueError(f"class folders of {path/'train'} map to repeated names: {vocab}")
-    return vocab
+    return vocab, bad
 
 # %% ../nbs/07_data.ipynb #b970391d
 class CheckedPILImage(PILImage):
@@ -95,29 +116,41 @@ def image_folder_dls(path:str|Path, # A folder holding train/<class>/ and val/<c
                      names:dict|None=None, # wnid → class name for the vocab
                      min_scale:float=0.35, # Smallest fraction of the image area a training crop keeps
                      check:bool=True, # Check the tree with `check_image_folder` first
+                     skip_bad_images:bool=False, # Leave out undecodable images, with a warning naming them
+                     exclude:list|None=None, # Image files to leave out (the `skipped_images` of an earlier check)
                      **kwargs, # Passed to `DataBlock.dataloaders`
                     ):
     "`DataLoaders` for `path`, split by its train/ and val/ folders and labelled by class folder."
-    path = Path(path)
-    vocab = check_image_folder(path, names) if check else None
+    path, vocab, bad = Path(path), None, []
+    if check: vocab, bad = check_image_folder(path, names, skip_bad=skip_bad_images)
+    skip = {Path(f) for f in [*(exclude or []), *bad]}
     dblock = DataBlock(blocks=(ImageBlock(CheckedPILImage), CategoryBlock(vocab=vocab, sort=False)),
-                       get_items=lambda p: get_image_files(p, folders=['train', 'val']),
+                       get_items=lambda p: [f for f in get_image_files(p, folders=['train', 'val']) if f not in skip],
                        get_y=FolderLabel(names), splitter=GrandparentSplitter(valid_name='val'),
                        item_tfms=[ImageNetCrop(size, min_scale=min_scale), FlipItem(0.5)],
                        batch_tfms=Normalize.from_stats(*imagenet_stats))
     if workers is not None: kwargs['num_workers'] = workers
-    return dblock.dataloaders(path, path=path, bs=bs, **kwargs)
+    dls = dblock.dataloaders(path, path=path, bs=bs, **kwargs)
+    dls.skipped_images = sorted(skip)
+    return dls
 
 # %% ../nbs/07_data.ipynb #37666c9e
 def imagenette_url(size:int=128, woof:bool=False) -> str:
     "fastai's URL for Imagenette (or Imagewoof): the 160 px version up to `size` 160, the 320 px one above."
     return getattr(URLs, f"{'IMAGEWOOF' if woof else 'IMAGENETTE'}_{160 if size <= 160 else 320}")
 
+def _drop_lock(url:str):
+    "Remove the empty lock file fastdownload leaves beside the archive it did not download, and an archive folder left empty."
+    arch = fastai_cfg().path('archive')
+    (arch/(url.split('/')[-1] + '.lock')).unlink(missing_ok=True)
+    if arch.is_dir() and not any(arch.iterdir()): arch.rmdir()
+
 def get_imagenette(size:int=128, woof:bool=False) -> Path:
     "Download and extract Imagenette (or Imagewoof) with `untar_data`, or say how to work offline."
     url = imagenette_url(size, woof)
     try: return untar_data(url)
     except (URLError, ConnectionError, TimeoutError, socket.gaierror) as e:
+        _drop_lock(url)
         folder = url.split('/')[-1].split('.')[0]
         raise ConnectionError(f"could not download {url} ({e}): this machine looks offline. Download and extract that "
                               f"archive on a machine with network access, copy the folder here and pass it: "

@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/docs.html.md"""
 
 # %% ../nbs/90_docs.ipynb #bac3c224
 from __future__ import annotations
-import hashlib, io, os, re, shutil, sys, time
+import hashlib, io, os, re, shutil, sys, time, warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 import yaml
@@ -14,19 +14,19 @@ from fastcore.nbio import read_nb, write_nb, mk_cell
 from fastcore.parallel import parallel
 from fastcore.script import call_parse
 from fastcore.xtras import working_directory
-from execnb.shell import CaptureShell
-import nbdev
-from nbdev.config import get_config, nbpath2html
-from nbdev.processors import FilterDefaults
-from nbdev.quarto import nbdev_sidebar
-from nbdev.readme_filter import doc_link
-from nbdev.test import nb_test_cells
+
 
 # %% auto #0
 __all__ = ['doc_nbs', 'page_name', 'exec_key', 'execute_nb', 'cached_exec', 'quarto_opts', 'local_links', 'to_myst', 'process_nb',
            'build_docs', 'bnet_docs', 'readme_md', 'bnet_readme']
 
 # %% ../nbs/90_docs.ipynb #22480026
+def _dev():
+    "Check that the dev extras (nbdev, execnb) are installed: the docs tools import them when they run, not with the package."
+    import importlib.util
+    if missing := [m for m in ('nbdev', 'execnb') if importlib.util.find_spec(m) is None]:
+        raise ImportError(f"the docs tools need the dev extras ({', '.join(missing)} not installed): pip install -e \".[dev]\"")
+
 def _sidebar_entries(contents, section=None):
     "Flatten Quarto sidebar `contents` into `(section, path)` pairs."
     for o in contents:
@@ -37,6 +37,7 @@ def _sidebar_entries(contents, section=None):
 
 def doc_nbs(cfg=None) -> list:
     "`(section, notebook path)` for every page, in the Quarto sidebar's order."
+    from nbdev.config import get_config; from nbdev.quarto import nbdev_sidebar
     cfg = cfg or get_config()
     if cfg.custom_sidebar: sb = yaml.safe_load((cfg.nbs_path/'sidebar.yml').read_text())
     else:
@@ -49,11 +50,13 @@ def doc_nbs(cfg=None) -> list:
 # %% ../nbs/90_docs.ipynb #cfd9950a
 def page_name(nb_path, nbs_path) -> str:
     "The page's path without suffix, relative to the site root, as Quarto names it."
+    from nbdev.config import nbpath2html
     return nbpath2html(Path(nb_path).relative_to(nbs_path)).with_suffix('').as_posix()
 
 # %% ../nbs/90_docs.ipynb #7f0d7e40
 def exec_key(nb_path, cfg=None) -> str:
     "Hash of what a notebook's outputs depend on: its own bytes, the package sources and the nbdev version."
+    import nbdev; from nbdev.config import get_config
     cfg = cfg or get_config()
     h = hashlib.sha256(Path(nb_path).read_bytes())
     for f in sorted(cfg.lib_path.rglob('*.py')): h.update(f.relative_to(cfg.lib_path).as_posix().encode() + f.read_bytes())
@@ -72,6 +75,7 @@ def _clean_cell(cell):
 
 def execute_nb(nb_path, cfg=None):
     "Run the cells of `nb_path` that `nbdev-test` runs, returning the notebook with its outputs."
+    from nbdev.config import get_config; from nbdev.test import nb_test_cells; from execnb.shell import CaptureShell
     cfg, nb_path = cfg or get_config(), Path(nb_path).absolute()
     flags = cfg.tst_flags.split() if isinstance(cfg.tst_flags, str) else list(cfg.tst_flags or [])
     run = {(c.get('id'), c.source) for c in nb_test_cells(nb_path, flags)}
@@ -93,6 +97,7 @@ def execute_nb(nb_path, cfg=None):
 # %% ../nbs/90_docs.ipynb #955fa5c1
 def cached_exec(nb_path, cache_dir, cfg=None) -> Path:
     "Path of `nb_path` executed, rerunning it only when `exec_key` changed."
+    from nbdev.config import get_config
     cfg = cfg or get_config()
     key, dest = exec_key(nb_path, cfg), Path(cache_dir)/Path(nb_path).relative_to(cfg.nbs_path)
     if dest.exists() and read_nb(dest).metadata.get('bnet_docs', {}).get('key') == key: return dest
@@ -156,6 +161,7 @@ def _fix_output(o, asis, pages, cfg, nb_dir):
 
 def to_myst(nb, pages:dict, cfg=None, nb_dir:str=''):
     "Turn a notebook processed by nbdev's `FilterDefaults` into one myst-nb renders like Quarto."
+    from nbdev.config import get_config
     cfg, cells = cfg or get_config(), []
     for cell in nb.cells:
         if cell.cell_type == 'raw' and cell.source.lstrip().startswith('---'):
@@ -174,12 +180,21 @@ def to_myst(nb, pages:dict, cfg=None, nb_dir:str=''):
     return nb
 
 # %% ../nbs/90_docs.ipynb #8bed452e
+def _filter(nb, cfg, readme:bool=False):
+    "nbdev's doc processors, run from the project root."
+    from nbdev.processors import FilterDefaults
+    with working_directory(cfg.config_path), warnings.catch_warnings():
+        # README's code blocks carry their imports so each runs as pasted; nbdev warns about such cells elsewhere
+        if readme: warnings.filterwarnings('ignore', message='Found cells containing imports and other code')
+        FilterDefaults()(nb)
+
 def process_nb(executed, nb_path, pages:dict, cfg=None):
     "nbdev's doc processing of an executed notebook, turned into a myst-nb page."
+    from nbdev.config import get_config
     cfg = cfg or get_config()
     nb = read_nb(executed)
     nb.path_ = str(nb_path)  # frontmatter and doc links are worked out from the source notebook
-    with working_directory(cfg.config_path): FilterDefaults()(nb)
+    _filter(nb, cfg, Path(nb_path).name == cfg.readme_nb)
     return to_myst(nb, pages, cfg, str(Path(page_name(nb_path, cfg.nbs_path)).parent))
 
 # %% ../nbs/90_docs.ipynb #2cb4e651
@@ -197,6 +212,7 @@ def _toctree(pages, sections):
 
 def _stage_one(o, root, cache_dir, src_dir, pages, sections):
     "Execute (or reuse) and process one notebook, writing its page; returns seconds spent."
+    from nbdev.config import get_config
     name, nb_path = o
     start, cfg = time.time(), get_config(root)
     nb = process_nb(cached_exec(nb_path, cache_dir, cfg), nb_path, pages, cfg)
@@ -228,6 +244,7 @@ def build_docs(path=None, # Project root (default: found from the current folder
                strict:bool=False, # Fail on Sphinx warnings
               ) -> Path:
     "Build the docs site from the notebooks, offline, into `docs/_site/`; returns its `index.html`."
+    _dev(); from nbdev.config import get_config
     cfg = get_config(path)
     docs = cfg.config_path/'docs'
     if not (docs/'conf.py').exists(): raise FileNotFoundError(f"{docs/'conf.py'} not found: the site's Sphinx settings live there")
@@ -275,9 +292,10 @@ def _readme_output(o):
 
 def readme_md(path=None) -> str:
     "README.md's text, rendered from `index.ipynb` (the `readme_nb`) as `nbdev-readme` does, without Quarto."
+    _dev(); from nbdev.config import get_config; from nbdev.readme_filter import doc_link
     cfg = get_config(path)
     nb = read_nb(cfg.nbs_path/cfg.readme_nb)
-    with working_directory(cfg.config_path): FilterDefaults()(nb)
+    _filter(nb, cfg, readme=True)
     parts = []
     for cell in nb.cells:
         if cell.cell_type == 'raw' and cell.source.lstrip().startswith('---'): cell = _fm_cell(cell)[1]
@@ -295,6 +313,7 @@ def readme_md(path=None) -> str:
 def bnet_readme(path:str=None, # Project root (default: found from the current folder)
                ):
     "Write README.md from `index.ipynb` without Quarto (the offline `nbdev-readme`)."
+    _dev(); from nbdev.config import get_config
     cfg = get_config(path)
     (cfg.config_path/'README.md').write_text(readme_md(path))
     print(f"Wrote {cfg.config_path/'README.md'} from {cfg.nbs_path/cfg.readme_nb}")

@@ -10,11 +10,12 @@ import json, os, random, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import AttrDict
+from fastcore.imports import in_notebook
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 from fastai.learner import Learner, SkipToEpoch
 from fastai.callback.core import Callback
-from fastai.callback.progress import CSVLogger
+from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.callback.schedule import *
 from fastai.callback.mixup import MixUp
 from fastai.callback.fp16 import MixedPrecision
@@ -29,8 +30,8 @@ from .precision import PRECISIONS, choose_precision, precision_cbs
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
-__all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'build_learner', 'train_run',
-           'summary_table', 'plot_curves', 'write_outputs', 'write_run', 'train', 'main']
+__all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'EpochLines', 'build_learner',
+           'RunInterrupted', 'train_run', 'summary_table', 'plot_curves', 'write_outputs', 'write_run', 'train', 'main']
 
 # %% ../nbs/08_train.ipynb #48494a34
 DATASETS = ('imagenette', 'imagewoof', 'digits')
@@ -75,14 +76,19 @@ def train_config(dataset='imagenette', arch='xresnet18', norm='bn,bnet', bnet_at
 
 # %% ../nbs/08_train.ipynb #935182de
 def get_dls(cfg:AttrDict, # From `train_config`
-            check:bool=True, # Check an image folder's layout and files first (once per command is enough)
+            check:bool=True, # Check an image folder's layout and decode its files first (once per command is enough)
+            skip_bad_images:bool=False, # Leave out undecodable images with a warning, instead of stopping
+            exclude:list|None=None, # Image files to leave out (`dls.skipped_images` of the checked build)
            ):
-    "The `DataLoaders` `cfg.dataset` names: digits, Imagenette, Imagewoof or a local folder."
-    if cfg.dataset == 'digits': return digits_dls(cfg.size, cfg.bs)
-    if cfg.dataset in ('imagenette', 'imagewoof'):
-        return imagenette_dls(cfg.size, cfg.bs, woof=cfg.dataset == 'imagewoof', workers=cfg.workers, check=check)
-    return image_folder_dls(cfg.dataset, cfg.size, cfg.bs, workers=cfg.workers, check=check,
-                            names={**IMAGENETTE_CLASSES, **IMAGEWOOF_CLASSES})
+    "The `DataLoaders` `cfg.dataset` names: digits, Imagenette, Imagewoof or a local folder, with at least one training batch."
+    kw = dict(workers=cfg.workers, check=check, skip_bad_images=skip_bad_images, exclude=exclude)
+    if cfg.dataset == 'digits': dls = digits_dls(cfg.size, cfg.bs)
+    elif cfg.dataset in ('imagenette', 'imagewoof'): dls = imagenette_dls(cfg.size, cfg.bs, woof=cfg.dataset == 'imagewoof', **kw)
+    else: dls = image_folder_dls(cfg.dataset, cfg.size, cfg.bs, names={**IMAGENETTE_CLASSES, **IMAGEWOOF_CLASSES}, **kw)
+    # fastai drops the last partial training batch: with fewer images than `bs` an epoch would train on nothing
+    if (n := len(dls.train_ds)) < cfg.bs:
+        raise ValueError(f"the training set has {n} images, fewer than one batch of {cfg.bs}: pass --bs {n} or less")
+    return dls
 
 # %% ../nbs/08_train.ipynb #59a2a576
 def _rng_states(dls) -> dict:
@@ -142,8 +148,20 @@ class RunLogger(CSVLogger):
         for row in kept: self.file.write(row + '\n')
 
     def _write_line(self, log):
-        if isinstance(log[0], int) and log[0] < self.start: return
+        if isinstance(log[0], int):
+            if log[0] < self.start: return
+            log = [log[0] + 1, *log[1:]] # epochs count from 1, as in the plot and the messages
         super()._write_line(log)
+
+class EpochLines(Callback):
+    "fastai's `Recorder` values as one plain line per epoch, for logs that are not a terminal (in place of progress bars)."
+    order = CSVLogger.order - 1 # set the logger before `CSVLogger` wraps it
+    def before_fit(self):
+        names, n = self.recorder.metric_names, self.n_epoch
+        def line(log):
+            vals = [f"{v}/{n}" if k == 'epoch' else f"{v:.6f}" if isinstance(v, float) else str(v) for k, v in zip(names, log)]
+            print('  '.join(f"{k} {v}" for k, v in zip(names, vals)), flush=True)
+        self.learn.logger = line
 
 # %% ../nbs/08_train.ipynb #f17db724
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
@@ -156,6 +174,12 @@ def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
 
 _names = {'top_k_accuracy': 'top5'}
 
+class RunInterrupted(KeyboardInterrupt):
+    "Ctrl-C during a run; `epoch` (counted from 1) is the epoch it stopped."
+    def __init__(self, epoch:int):
+        super().__init__(f"interrupted during epoch {epoch}; rerun with --resume to continue")
+        self.epoch = epoch
+
 def _final_metrics(learn:Learner, epoch_times:list) -> dict:
     names = [_names.get(n, n) for n in learn.recorder.metric_names[1:-1]]
     res = dict(zip(names, map(float, learn.recorder.values[-1])))
@@ -167,8 +191,9 @@ def train_run(cfg:AttrDict, # From `train_config`
               seed:int, # Seeds the model init, the data order and the augmentation
               run_dir:Path, # Where the history and checkpoint go
               resume:bool=False, # Continue from `run_dir`'s checkpoint, if any
+              exclude:list|None=None, # Image files to leave out (found unreadable by the command's check)
              ) -> dict:
-    "Train one run (one norm, one seed) and return its final metrics; the history and checkpoints go to `run_dir`."
+    "Train one run (one norm, one seed) and return its final metrics; the history, checkpoint and final weights go to `run_dir`."
     run_dir, ckpt = Path(run_dir), Path(run_dir)/'checkpoint.pth'
     init_distributed() # in a launched run, before the data loaders pick their device
     if is_rank0():
@@ -176,17 +201,25 @@ def train_run(cfg:AttrDict, # From `train_config`
         ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # left by a kill during a save
     state = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     set_seed(seed, reproducible=True)
-    dls = get_dls(cfg, check=False)
+    dls = get_dls(cfg, check=False, exclude=exclude)
     learn = build_learner(cfg, norm, dls, run_dir)
+    plain = not (sys.stdout.isatty() or in_notebook()) # a log file gets `EpochLines`, not progress-bar redraws
+    if plain: learn.remove_cb(ProgressCallback)
     if state:
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
     cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp] + norm_stats_cbs(run_dir.name)
+    if plain and is_rank0(): cbs.append(EpochLines())
     # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
     if cp.start: cbs.append(SkipToEpoch(cp.start))
-    with distrib_run(learn, sync_bn=cfg.sync_bn):
-        getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
+    try:
+        with distrib_run(learn, sync_bn=cfg.sync_bn):
+            getattr(learn, SCHEDS[cfg.sched])(cfg.epochs, cfg.lr, cbs=cbs)
+    except KeyboardInterrupt:
+        ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # a save cut short; the last checkpoint stands
+        raise RunInterrupted(max(learn.epoch, cp.start) + 1) from None
+    if is_rank0(): _atomic_write(run_dir/'model.pth', lambda f: torch.save(unwrap(learn.model).state_dict(), f))
     return _final_metrics(learn, cp.epoch_times)
 
 # %% ../nbs/08_train.ipynb #21dcf369
@@ -214,13 +247,20 @@ def plot_curves(histories:dict, # norm → list of history DataFrames, one per s
     "Plot valid loss and accuracy per epoch for each norm (mean over seeds, band from min to max)."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
-    for norm, hs in histories.items():
-        for ax, col in zip(axs, ('valid_loss', 'accuracy')):
-            v = np.stack([h[col].to_numpy(dtype=float) for h in hs]); ep = np.arange(1, v.shape[1]+1)
-            ax.plot(ep, v.mean(0), marker='o', label=norm)
-            if len(hs) > 1: ax.fill_between(ep, v.min(0), v.max(0), alpha=0.2)
-    for ax, t in zip(axs, ('valid loss', 'valid accuracy')): ax.set(xlabel='epoch', title=t); ax.legend()
+    panels = (('valid_loss', 1, 'validation loss (cross-entropy)'), ('accuracy', 100, 'validation accuracy (%)'))
+    for i, (norm, hs) in enumerate(histories.items()):
+        c = f'C{i}' # one colour per norm in both panels
+        for ax, (col, scale, _) in zip(axs, panels):
+            v = np.stack([h[col].to_numpy(dtype=float) for h in hs]) * scale
+            ep = hs[0]['epoch'].to_numpy() # counted from 1, as in history.csv
+            ax.plot(ep, v.mean(0), marker='o', color=c, label=norm)
+            if len(hs) > 1: ax.fill_between(ep, v.min(0), v.max(0), color=c, alpha=0.2)
+    for ax, (_, _, lbl) in zip(axs, panels):
+        ax.set(xlabel='epoch', ylabel=lbl, title=lbl.split(' (')[0]); ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axs[1].yaxis.set_major_formatter(PercentFormatter(decimals=0))
     fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
 
 def write_outputs(out:Path, # The output folder
@@ -257,6 +297,8 @@ def _check_out(out:Path, cfg:AttrDict, resume:bool):
 
 def train(out:str|Path='runs', # Output folder
           resume:bool=False, # Continue the runs in `out` from their last finished epoch
+          keep_checkpoints:bool=False, # Keep each finished run's last checkpoint (optimizer and RNG states too)
+          skip_bad_images:bool=False, # Leave out undecodable images with a warning, instead of stopping
           **kwargs, # Options of `train_config`
          ) -> str:
     "Train each norm in `norm` with each seed, then write `summary.md` and `curves.png`; return the table."
@@ -264,8 +306,13 @@ def train(out:str|Path='runs', # Output folder
     _check_out(out, cfg, resume)
     init_distributed()
     barrier() # every rank has checked --out before rank 0 writes into it
+    exclude = None
     if is_rank0():
-        get_dls(cfg, check=True) # download and check the data before anything is written
+        # download and check the data before anything is written
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter('always')
+            exclude = getattr(get_dls(cfg, check=True, skip_bad_images=skip_bad_images), 'skipped_images', [])
+        for w in ws: print(f"warning: {w.message}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         (out/'config.json').write_text(json.dumps({k: v for k, v in cfg.items() if k != 'workers'}, indent=2))
     barrier() # the other ranks wait for the data
@@ -275,8 +322,11 @@ def train(out:str|Path='runs', # Output folder
         if resume and (rd/'metrics.json').exists(): m = json.loads((rd/'metrics.json').read_text())
         else:
             if is_rank0(): print(f"run {i+1}/{len(runs)}: norm={norm} seed={seed} ({cfg.arch}, {cfg.dataset})", flush=True)
-            m = train_run(cfg, norm, seed, rd, resume=resume)
-            if is_rank0(): write_run(rd, m)
+            m = train_run(cfg, norm, seed, rd, resume=resume, exclude=exclude)
+            if is_rank0():
+                write_run(rd, m)
+                # the weights are in model.pth; the checkpoint (3-4× their size) only served --resume
+                if not keep_checkpoints: (rd/'checkpoint.pth').unlink(missing_ok=True)
         results[norm].append(m)
     return write_outputs(out, cfg, results) if is_rank0() else summary_table(results)
 
@@ -303,6 +353,8 @@ def main(
     out:str='runs', # Output folder: per-run history, checkpoints and metrics, summary.md, curves.png
     resume:bool=False, # Continue the runs in --out from their last finished epoch
     sync_bn:bool=False, # Under a distributed launcher: synchronise BatchNorm statistics (BNET's included) across processes
+    keep_checkpoints:bool=False, # Keep each finished run's checkpoint (with optimizer state), not only its weights (model.pth)
+    skip_bad_images:bool=False, # Leave out images that cannot be decoded, with a warning naming them, instead of stopping
     precision:str='auto', # auto (bf16 where the device has native bf16 units, else fp32), fp32, bf16 or fp16
 ):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds."
@@ -310,4 +362,7 @@ def main(
     except (ValueError, OSError) as e:
         print(f"bnet-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if is_rank0(): print(table)
+    except KeyboardInterrupt as e: # one line, not a traceback; 130 is the shell's code for Ctrl-C
+        print(e if isinstance(e, RunInterrupted) else "interrupted; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    if is_rank0(): print(f"{table}\n\nsummary: {Path(out)/'summary.md'}\ncurves:  {Path(out)/'curves.png'}")

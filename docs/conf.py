@@ -8,10 +8,12 @@ _cfg = get_config()  # Sphinx runs this file from docs/, so this finds the proje
 project = _cfg.title
 html_title = _cfg.title
 author = f"{_cfg.lib_name} developers"
+copyright = project  # the footer's "Copyright ©" names its holder
 release = version = __import__('re').search(r'__version__\s*=\s*["\']([^"\']+)',
                                             (_cfg.lib_path/'__init__.py').read_text())[1]
 
-extensions = ['myst_nb']
+# MathJax from the package's own files (copied into _static/mathjax), not a CDN, so formulas render offline.
+extensions = ['myst_nb', 'sphinx-mathjax-offline']
 root_doc = 'index'
 exclude_patterns = ['**.ipynb_checkpoints']
 

@@ -1,4 +1,4 @@
-"CI runs exactly the test command README gives."
+"CI runs exactly the test command README gives, and that command runs nbdev-test and pytest."
 import re
 from pathlib import Path
 
@@ -13,3 +13,12 @@ def test_ci_runs_readme_test_command():
     cmd = readme_test_command()
     ci_lines = [l.strip() for l in (root/'.ci'/'run').read_text().splitlines()]
     assert cmd in ci_lines, f"README's test command {cmd!r} is not a line of .ci/run"
+
+def test_make_test_runs_every_test():
+    "`make test` ends with nbdev-test and pytest (guarded against collecting nothing), after building the site the docs test needs."
+    assert readme_test_command() == 'make test'
+    mk = (root/'Makefile').read_text()
+    recipe = re.search(r"^test:(.*)\n((?:\t.*\n)+)", mk, re.M)
+    assert {'install', 'browser', 'sync', 'docs'} <= set(recipe[1].split())
+    assert 'nbdev-test && $(PYTHON) -m pytest' in recipe[2] and '-eq 5' in recipe[2]
+    assert re.search(r"^docs:.*\n\tbnet-docs$", mk, re.M)

@@ -70,6 +70,7 @@ def test_missing_split_folders(nette):
     (nette/'val').rename(nette.parent/'val_elsewhere')
     before = tree_snapshot(nette.parent)
     with pytest.raises(FileNotFoundError, match=r"imagenette2-160 has no val/ folder"): imagenette_dls(size=64, bs=8)
+    assert tree_snapshot(nette.parent) == before
     (nette/'train').rename(nette.parent/'train_elsewhere'); (nette/'val').mkdir()
     with pytest.raises(FileNotFoundError, match=r"has no train/ folder"): imagenette_dls(path=nette)
     with pytest.raises(FileNotFoundError, match=r"nope does not exist"): imagenette_dls(path=nette/'nope')
@@ -88,12 +89,35 @@ def test_unreadable_image_is_named(nette):
     with pytest.raises(ValueError, match=r"cannot read image .*n03000684/broken\.JPEG"): imagenette_dls(path=nette)
     assert tree_snapshot(nette) == before
 
-def test_truncated_image_is_named_when_decoded(nette):
-    "A JPEG whose header opens but whose data is cut off is reported with its name when loaded."
-    f = nette/'val'/'n03028079'/'n03028079_0.JPEG'
+def truncate(f: Path):
     data = f.read_bytes(); f.write_bytes(data[:len(data)//2])
-    dls = imagenette_dls(size=64, bs=8, workers=0)
+    with Image.open(f) as im: assert im.size  # the header still opens: only a full decode finds it
+
+def test_truncated_image_is_found_before_training(nette):
+    "A JPEG whose header opens but whose data is cut off is reported by name when the loaders are built."
+    f = nette/'val'/'n03028079'/'n03028079_0.JPEG'
+    truncate(f)
+    before = tree_snapshot(nette)
+    with pytest.raises(ValueError, match=r"cannot read image .*n03028079_0\.JPEG \(truncated, or not an image\)"):
+        imagenette_dls(size=64, bs=8, workers=0)
+    assert tree_snapshot(nette) == before
+    # Without the check, loading it still names the file
+    dls = imagenette_dls(size=64, bs=8, workers=0, check=False)
     with pytest.raises(Exception, match=r"cannot read image .*n03028079_0\.JPEG"): list(dls.valid)
+
+def test_skip_bad_images(nette):
+    bad = [nette/'train'/'n03028079'/'n03028079_0.JPEG', nette/'train'/'n01440764'/'n01440764_1.JPEG']
+    for f in bad: truncate(f)
+    with pytest.warns(UserWarning, match=r"skipping 2 images that cannot be read: .*n01440764_1\.JPEG.*n03028079_0\.JPEG|"
+                                         r"skipping 2 images that cannot be read: .*n03028079_0\.JPEG.*n01440764_1\.JPEG"):
+        dls = imagenette_dls(size=64, bs=8, workers=0, skip_bad_images=True)
+    assert sorted(dls.skipped_images) == sorted(bad)
+    items = {Path(o) for o in dls.train.items} | {Path(o) for o in dls.valid.items}
+    assert len(items) == 30 - 2 and not items & set(bad)
+    # a class folder whose only images are bad is empty after skipping
+    truncate(nette/'val'/'n03028079'/'n03028079_0.JPEG')  # the folder's only image
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"class folder .*val/n03028079 holds no readable images"):
+        imagenette_dls(size=64, bs=8, workers=0, skip_bad_images=True)
 
 def test_offline_download_says_how_to_pass_path(fastai_home, monkeypatch):
     import fastdownload.core
@@ -102,6 +126,8 @@ def test_offline_download_says_how_to_pass_path(fastai_home, monkeypatch):
     with pytest.raises(ConnectionError, match=r"imagenette2-160.*offline.*imagenette_dls\(path=.*--dataset") as e:
         imagenette_dls(size=64, bs=8)
     assert not (fastai_home/'data'/'imagenette2-160').exists()
+    # fastdownload's lock file beside the archive it never got, and the empty archive folder, are gone
+    assert not list(fastai_home.rglob('*.lock')) and not (fastai_home/'archive').exists()
 
 def test_digits():
     from sklearn.datasets import load_digits

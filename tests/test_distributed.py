@@ -22,10 +22,10 @@ def _launch(args, stats_dir=None, timeout=400) -> subprocess.CompletedProcess:
 
 def _files(d:Path) -> list: return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
 
-def _valid_eval(ckpt:Path):
-    "Accuracy and loss of the checkpoint's model on the whole digits validation set, in this one process."
+def _valid_eval(weights:Path):
+    "Accuracy and loss of the saved final weights on the whole digits validation set, in this one process."
     model = xresnet18(n_out=10, norm='bnet').eval()
-    model.load_state_dict(torch.load(ckpt, weights_only=False)['model'])
+    model.load_state_dict(torch.load(weights))
     correct, loss, n = 0, 0., 0
     with torch.no_grad():
         for xb, yb in digits_dls(32, 64).valid:
@@ -53,11 +53,10 @@ def test_sync_bn_run_both_ranks_finish(sync_run):
 
 def test_one_log_one_set_of_checkpoints(sync_run):
     out, _, _ = sync_run
-    assert _files(out) == ['bnet_s0/checkpoint.pth', 'bnet_s0/history.csv', 'bnet_s0/metrics.json',
+    assert _files(out) == ['bnet_s0/history.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth',
                            'config.json', 'curves.png', 'summary.md']
     h = pd.read_csv(out/'bnet_s0'/'history.csv')
-    assert list(h.epoch) == [0] # one writer: one header, one row
-    assert torch.load(out/'bnet_s0'/'checkpoint.pth', weights_only=False)['epoch'] == 1
+    assert list(h.epoch) == [1] # one writer: one header, one row
 
 def test_sync_bn_running_stats_identical_across_ranks(sync_run):
     s0, s1 = _stats(sync_run[1])
@@ -71,7 +70,7 @@ def test_valid_metrics_cover_every_item_once(sync_run):
     "The logged metrics equal a one-process evaluation of the final weights on all 359 items (fastai's padding makes 360)."
     out = sync_run[0]
     h = pd.read_csv(out/'bnet_s0'/'history.csv').iloc[-1]
-    correct, loss, n = _valid_eval(out/'bnet_s0'/'checkpoint.pth')
+    correct, loss, n = _valid_eval(out/'bnet_s0'/'model.pth')
     assert n == 359
     assert h.accuracy == pytest.approx(correct / n, abs=1e-6)
     assert h.valid_loss == pytest.approx(loss, rel=1e-4)
@@ -79,7 +78,7 @@ def test_valid_metrics_cover_every_item_once(sync_run):
 def test_without_sync_bn(tmp_path):
     res = _launch(CMD + ['--out', str(tmp_path/'out')], stats_dir=tmp_path/'stats')
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _files(tmp_path/'out')[:2] == ['bnet_s0/checkpoint.pth', 'bnet_s0/history.csv']
+    assert _files(tmp_path/'out')[:3] == ['bnet_s0/history.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth']
     s0, s1 = _stats(tmp_path/'stats')
     assert set(s0['types'].values()) == {'BatchNorm2d'}
     # Without synchronisation the last step's local statistics leave the ranks apart
@@ -101,11 +100,11 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     state = torch.load(ckpt, weights_only=False)
     assert state['epoch'] == 1 # killed during the second epoch
     first = pd.read_csv(out/'bnet_s0'/'history.csv')
-    assert list(first.epoch) == [0]
+    assert list(first.epoch) == [1]
     res = _launch(args + ['--resume'])
     assert res.returncode == 0, res.stderr[-3000:]
     h = pd.read_csv(out/'bnet_s0'/'history.csv')
-    assert list(h.epoch) == [0, 1]
+    assert list(h.epoch) == [1, 2]
     pd.testing.assert_series_equal(h.iloc[0].drop('time'), first.iloc[0].drop('time'))
-    assert torch.load(ckpt, weights_only=False)['epoch'] == 2
-    assert (out/'bnet_s0'/'metrics.json').exists() and (out/'summary.md').exists()
+    assert not ckpt.exists() # the finished run keeps its weights only
+    assert (out/'bnet_s0'/'model.pth').exists() and (out/'bnet_s0'/'metrics.json').exists() and (out/'summary.md').exists()

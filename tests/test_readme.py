@@ -1,6 +1,8 @@
-"README.md is what the offline README command (`bnet-readme`) renders from nbs/index.ipynb."
-import json, shutil
+"README.md is what the offline README command (`bnet-readme`) renders from nbs/index.ipynb, and its Python blocks run as pasted."
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
+import pytest
+from bnet_fastai.data import fake_imagenette
 from bnet_fastai.docs import readme_md
 
 root = Path(__file__).resolve().parents[1]
@@ -16,9 +18,33 @@ def test_readme_follows_index(tmp_path):
     nb = json.loads((root/'nbs'/'index.ipynb').read_text())
     hidden = next(c for c in nb['cells'] if ''.join(c['source']).startswith('#| hide'))
     hidden['source'] = ''.join(hidden['source']) + '\n_only_in_a_hidden_cell = 1'
-    md = next(c for c in nb['cells'] if c['cell_type'] == 'markdown' and '## Install' in ''.join(c['source']))
-    md['source'] = ''.join(md['source']).replace('## Install', '## Install\n\nA sentence only this copy has.')
+    md = next(c for c in nb['cells'] if c['cell_type'] == 'markdown' and '## Two commands' in ''.join(c['source']))
+    md['source'] = ''.join(md['source']).replace('## Two commands', '## Two commands\n\nA sentence only this copy has.')
     (tmp_path/'nbs'/'index.ipynb').write_text(json.dumps(nb))
     txt = readme_md(tmp_path)
     assert 'A sentence only this copy has.' in txt and txt != (root/'README.md').read_text()
     assert '_only_in_a_hidden_cell' not in txt
+
+def readme_python_blocks() -> list:
+    return re.findall(r"^```python\n(.+?)^```", (root/'README.md').read_text(), re.S | re.M)
+
+@pytest.fixture(scope='module')
+def nette_home(tmp_path_factory):
+    "Imagenette's layout under a FASTAI_HOME, where `untar_data` finds it without a download (64+ training images: one batch)."
+    home = tmp_path_factory.mktemp('fastai_home')
+    fake_imagenette(home/'data'/'imagenette2-160', n_train=7, n_val=2)
+    return home
+
+@pytest.mark.slow
+@pytest.mark.parametrize('i', range(len(readme_python_blocks())))
+def test_readme_block_runs_as_pasted(i, nette_home, tmp_path):
+    "Each Python block of README.md, alone in a fresh interpreter, as a reader would paste it (Imagenette: the fake tree)."
+    code = readme_python_blocks()[i]
+    env = {**os.environ, 'FASTAI_HOME': str(nette_home), 'MPLBACKEND': 'Agg',
+           'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])}
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, f"README block {i} failed:\n{code}\n{p.stderr[-3000:]}"
+
+def test_readme_has_python_blocks():
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 2 and all('import' in b for b in blocks), 'every shown block carries its imports'

@@ -1,5 +1,5 @@
-"`bnet-train`: the digits acceptance run, Imagenette's layout offline, determinism, kill-and-resume, and bad input."
-import json, os, re, signal, subprocess, time, urllib.error
+"`bnet-train`: the digits acceptance run, Imagenette's layout offline, determinism, Ctrl-C and resume, and bad input."
+import json, os, re, shutil, signal, subprocess, sys, time, urllib.error
 from pathlib import Path
 import pandas as pd, pytest, torch
 from fastai.data.external import fastai_cfg
@@ -14,6 +14,19 @@ FINAL = ['accuracy', 'top5', 'valid_loss', 'train_loss']
 
 def bnet_train(*args, env=ENV):
     return subprocess.run(['bnet-train', *map(str, args)], env=env, capture_output=True, text=True)
+
+_JIT_WARNING = "`torch.jit.script` is deprecated"
+def err_lines(err:str) -> list:
+    "stderr's lines, less the torch.jit FutureWarning that importing fastai prints (see `test_import_is_quiet`)."
+    lines = err.strip().splitlines()
+    i = next((i for i, l in enumerate(lines) if _JIT_WARNING in l), None)
+    return lines if i is None else lines[:i] + lines[i+2:]  # the warning and its source line
+
+@pytest.mark.xfail(strict=True, reason="fastai.layers calls torch.jit.script at import; the narrow filter for its "
+                   "FutureWarning goes in bnet_fastai/__init__.py (nbs/98_init), before fastai is imported")
+def test_import_is_quiet():
+    p = subprocess.run([sys.executable, '-c', 'import bnet_fastai.train'], env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == ''
 
 @pytest.fixture(scope='module')
 def digits_runs(tmp_path_factory):
@@ -48,18 +61,28 @@ def test_digits_bn_vs_bnet(digits_runs):
         assert f"{m['accuracy']*100:.2f}" in row and f"{m['valid_loss']:.4f}" in row
         assert row in p.stdout  # the comparison table is printed
         hist = pd.read_csv(out/f'{n}_s0'/'history.csv')
-        assert list(hist.epoch) == list(range(5))
+        assert list(hist.epoch) == [1, 2, 3, 4, 5]  # counted from 1, as in the plot
         assert hist.accuracy.iloc[-1] == pytest.approx(m['accuracy'])
     assert 'top-5 %' in summary
+    assert f"summary: {out/'summary.md'}" in p.stdout and f"curves:  {out/'curves.png'}" in p.stdout
+    # A finished run keeps its final weights only: the checkpoint with the optimizer state is gone
+    for n in ('bn', 'bnet'): assert sorted(f.name for f in (out/f'{n}_s0').iterdir()) == ['history.csv', 'metrics.json', 'model.pth']
 
 @pytest.mark.slow
-def test_reported_accuracy_is_the_checkpoints(digits_runs):
-    "Recompute BNET's valid accuracy from its checkpoint with plain torch: the last epoch's weights are reported."
+def test_log_is_one_line_per_epoch(digits_runs):
+    "stdout is a pipe here: one plain line per epoch, no progress-bar redraws, and nothing on stderr."
+    out, p = digits_runs
+    assert '\r' not in p.stdout and '█' not in p.stdout
+    epochs = [l for l in p.stdout.splitlines() if l.startswith('epoch ')]
+    assert [l.split()[1] for l in epochs] == [f'{i}/5' for i in range(1, 6)] * 2
+    assert 'accuracy' in epochs[0] and 'train_loss' in epochs[0]
+    assert err_lines(p.stderr) == []
+@pytest.mark.slow
+def test_reported_accuracy_is_the_saved_weights(digits_runs):
+    "Recompute BNET's valid accuracy from model.pth with plain torch: the last epoch's weights are reported and kept."
     out, _ = digits_runs
-    ck = torch.load(out/'bnet_s0'/'checkpoint.pth', weights_only=False)
-    assert ck['epoch'] == 5 and len(ck['opt']['state']) > 0
     model = arch_registry['xresnet18'](n_out=10, norm='bnet')
-    model.load_state_dict(ck['model']); model.eval()
+    model.load_state_dict(torch.load(out/'bnet_s0'/'model.pth')); model.eval()
     dls = digits_dls()
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dls.valid)
@@ -67,20 +90,25 @@ def test_reported_accuracy_is_the_checkpoints(digits_runs):
     assert correct/len(dls.valid_ds) == pytest.approx(m['accuracy'], abs=1e-6)
 
 @pytest.mark.slow
-def test_kill_and_resume(digits_runs, tmp_path):
-    "SIGKILL mid-epoch, then --resume: the final metrics and the history equal the uninterrupted run's."
+def test_ctrl_c_and_resume(digits_runs, tmp_path):
+    "SIGINT mid-epoch: one line, exit 130, the checkpoint kept; then --resume ends where the uninterrupted run did."
     full_out, _ = digits_runs
     out, args = tmp_path/'k', [*DIGITS, '--norm', 'bnet']
     run = out/'bnet_s0'
-    p = subprocess.Popen(['bnet-train', *args, '--out', str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(['bnet-train', *args, '--out', str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = lambda: len((run/'history.csv').read_text().splitlines()) - 1 if (run/'history.csv').exists() else 0
     deadline = time.time() + 900
     while p.poll() is None and rows() < 2 and time.time() < deadline: time.sleep(0.1)
     time.sleep(0.5)  # into the third epoch
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130
     done = torch.load(run/'checkpoint.pth', weights_only=False)['epoch']
-    assert 1 <= done < 5 and not (run/'metrics.json').exists()
+    assert 1 <= done < 5
+    assert err_lines(err) == [f"interrupted during epoch {done+1}; rerun with --resume to continue"]
+    # what --resume needs, and nothing half-written
+    assert sorted(f.name for f in run.iterdir()) == ['checkpoint.pth', 'history.csv']
+    assert sorted(f.name for f in out.iterdir()) == ['bnet_s0', 'config.json']
 
     r = bnet_train(*args, '--out', out, '--resume')
     assert r.returncode == 0, r.stderr[-3000:]
@@ -88,6 +116,8 @@ def test_kill_and_resume(digits_runs, tmp_path):
     for k in FINAL: assert resumed[k] == full[k], k
     cols = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'top_k_accuracy']
     pd.testing.assert_frame_equal(pd.read_csv(run/'history.csv')[cols], pd.read_csv(full_out/'bnet_s0'/'history.csv')[cols])
+    a, b = [torch.load(o/'bnet_s0'/'model.pth') for o in (out, full_out)]
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 def test_imagenette_cli_offline(nette_home, tmp_path):
     "Imagenette's real layout under FASTAI_HOME: `untar_data` finds it, no network needed."
@@ -106,7 +136,7 @@ def test_same_seed_same_metrics(nette_home, use_home, tmp_path):
     cfg = train_config(dataset='imagenette', norm='bnet', epochs=1, size=32, bs=8, workers=0)
     ms = [train_run(cfg, 'bnet', seed, tmp_path/f'{i}') for i, seed in enumerate((0, 0, 1))]
     for k in FINAL: assert ms[0][k] == ms[1][k], k
-    sds = [torch.load(tmp_path/f'{i}'/'checkpoint.pth', weights_only=False)['model'] for i in range(3)]
+    sds = [torch.load(tmp_path/f'{i}'/'model.pth') for i in range(3)]
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
     assert not all(torch.equal(sds[0][k], sds[2][k]) for k in sds[0])
 
@@ -129,22 +159,42 @@ def test_bad_option(kw, msg, tmp_path, capsys):
     assert re.search(msg, capsys.readouterr().err)
     assert not out.exists()
 
-def test_bad_data_folder(nette_home, tmp_path, capsys):
-    import shutil
+def _truncate(tree):
+    f = tree/'train'/'n03417042'/'n03417042_0.JPEG'
+    data = f.read_bytes(); f.write_bytes(data[:len(data)//2])  # the header opens; the scan stops halfway
+def _garbage(tree): (tree/'train'/'n03417042'/'broken.JPEG').write_bytes(b'not an image')
+def _empty_class(tree): [f.unlink() for f in (tree/'val'/'n03425413').iterdir()]
+def _no_val(tree): shutil.rmtree(tree/'val')
+
+BAD_DATA = [  # (what is wrong, its message, extra options)
+    (_truncate, r"cannot read image .*n03417042/n03417042_0\.JPEG \(truncated, or not an image\).*--skip-bad-images", []),
+    (_garbage, r"cannot read image .*n03417042/broken\.JPEG", []),
+    (_empty_class, r"class folder .*val/n03425413 holds no images", []),
+    (_no_val, r"tree has no val/ folder", []),
+    (None, r"the training set has 40 images, fewer than one batch of 64: pass --bs 40 or less", ['--bs', 64]),
+]
+
+@pytest.mark.parametrize('spoil,msg,opts', BAD_DATA, ids=['truncated', 'not_an_image', 'empty_class', 'no_val', 'under_one_batch'])
+def test_bad_data_folder(spoil, msg, opts, nette_home, tmp_path):
+    "Each bad folder: one error line naming what is wrong, exit status 2, and nothing written."
     tree = shutil.copytree(nette_home/'data'/'imagenette2-160', tmp_path/'tree')
-    cases = []
-    bad = tree/'train'/'n03417042'/'broken.JPEG'; bad.write_bytes(b'not an image')
-    cases.append(r"cannot read image .*n03417042/broken\.JPEG")
-    for case in range(3):
-        out = tmp_path/f'out{case}'
-        if case == 1:
-            bad.unlink(); [f.unlink() for f in (tree/'val'/'n03425413').iterdir()]
-            cases.append(r"class folder .*val/n03425413 holds no images")
-        if case == 2:
-            shutil.rmtree(tree/'val'); cases.append(r"tree has no val/ folder")
-        with pytest.raises(SystemExit) as e: main(dataset=str(tree), out=str(out))
-        assert e.value.code == 2 and re.search(cases[case], capsys.readouterr().err)
-        assert not out.exists()
+    if spoil: spoil(tree)
+    out = tmp_path/'out'
+    p = bnet_train('--dataset', tree, '--epochs', 1, '--size', 32, '--bs', 8, *opts, '--out', out)
+    assert p.returncode == 2 and re.search(msg, p.stderr), p.stderr[-3000:]
+    assert len(err_lines(p.stderr)) == 1
+    assert not out.exists()
+
+def test_skip_bad_images(nette_home, tmp_path):
+    "--skip-bad-images trains without the truncated file and names it in one warning line."
+    tree = shutil.copytree(nette_home/'data'/'imagenette2-160', tmp_path/'tree')
+    _truncate(tree)
+    out = tmp_path/'out'
+    p = bnet_train('--dataset', tree, '--norm', 'bn', '--epochs', 1, '--size', 32, '--bs', 8, '--skip-bad-images', '--out', out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [line] = err_lines(p.stderr)
+    assert re.fullmatch(r"warning: skipping 1 image that cannot be read: .*n03417042_0\.JPEG", line)
+    assert (out/'bn_s0'/'model.pth').exists()
 
 def test_offline_download(use_home, tmp_path, capsys, monkeypatch):
     import fastdownload.core
@@ -155,15 +205,20 @@ def test_offline_download(use_home, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e: main(dataset='imagenette', out=str(out))
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'offline' in err and '--dataset /data/imagenette2-160' in err
-    assert not out.exists()
+    assert not out.exists() and not list((tmp_path/'empty_home').rglob('*.lock'))
 
 def test_existing_out_needs_resume(tmp_path, capsys):
-    out = tmp_path/'out'; out.mkdir(); (out/'config.json').write_text(json.dumps(dict(dataset='digits')))
+    "A folder of earlier runs: continuing needs --resume, and a changed option is named with both values."
+    out = tmp_path/'out'; out.mkdir()
+    cfg = train_config(dataset='digits', epochs=5)
+    (out/'config.json').write_text(json.dumps({k: v for k, v in cfg.items() if k != 'workers'}))
     before = sorted(out.rglob('*'))
     with pytest.raises(SystemExit): main(dataset='digits', out=str(out))
     assert 'pass --resume' in capsys.readouterr().err
-    with pytest.raises(SystemExit): main(dataset='digits', out=str(out), resume=True)
-    assert "cannot resume" in capsys.readouterr().err and sorted(out.rglob('*')) == before
+    with pytest.raises(SystemExit) as e: main(dataset='digits', epochs=3, out=str(out), resume=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().endswith("its runs used other settings (epochs: 5 there, 3 now)")
+    assert sorted(out.rglob('*')) == before
 
 def test_console_script_exit_status_and_help(tmp_path):
     out = tmp_path/'out'

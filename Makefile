@@ -1,0 +1,45 @@
+# Two commands do all the set-up (README, "Two commands"):
+#   make demo   install what is missing, then train BN against BNET on digits and print the table
+#   make test   install what is missing (a browser for the docs test too), build the docs site, run every test
+# The individual steps are listed in README ("Step by step") for installing by hand.
+SHELL := /bin/bash
+PYTHON ?= python
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= runs/digits
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test install browser sync docs
+
+# pip runs only for what is missing, so an installed checkout starts at once and one installed elsewhere is left alone.
+install:
+	@$(PYTHON) scripts/missing.py $(TORCH) || $(PYTHON) -m pip install -q $(TORCH)
+	@$(PYTHON) scripts/missing.py || $(PYTHON) -m pip install -q -e ".[dev]"
+
+# --resume: a second `make demo` prints the finished table again, and an interrupted one continues.
+demo: install
+	bnet-train --dataset digits --arch xresnet18 --norm bn,bnet --epochs 5 --out $(DEMO_OUT) --resume
+
+# Debian's chromium and chromedriver for tests/test_docs_site.py, where apt exists; elsewhere that test skips and says how to enable it.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "no apt-get: the docs-site browser test will skip (install chromium and chromedriver to run it)"; exit 0; fi; \
+	SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+	for i in 1 2 3; do $$SUDO apt-get update -qq && break; echo "apt-get update failed (try $$i)" >&2; sleep 10; done; \
+	for i in 1 2 3; do $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null && break; \
+	  echo "apt-get install chromium failed (try $$i)" >&2; sleep 10; done; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "could not install chromium and chromium-driver" >&2; exit 1; }
+
+# The notebooks are the source: exporting them must leave the generated modules as they are.
+sync: install
+	@before=$$(cat bnet_fastai/*.py bnet_fastai/*/*.py 2>/dev/null | md5sum); nbdev-export; \
+	if [ "$$before" != "$$(cat bnet_fastai/*.py bnet_fastai/*/*.py 2>/dev/null | md5sum)" ]; then \
+	  echo "nbdev-export changed bnet_fastai/: the notebooks and the modules were out of sync (commit the exported files)" >&2; exit 1; fi
+
+docs: install
+	bnet-docs
+
+# pytest's exit status 5 means it collected nothing: fail rather than pass vacuously.
+test: install browser sync docs
+	nbdev-test && $(PYTHON) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
