@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
-from fastcore.basics import store_attr
+from contextlib import contextmanager
+from fastcore.basics import store_attr, defaults
 
 # %% auto #0
-__all__ = ['LEAN_DEFAULT', 'BNET']
+__all__ = ['lean_bnets', 'BNET']
 
 # %% ../nbs/00_layers.ipynb #4cbcc1c7
 def _check_ks(ks):
@@ -24,44 +25,59 @@ def _check_ndim(ndim):
     if ndim not in (1, 2, 3): raise ValueError(f"ndim must be 1, 2 or 3, got ndim={ndim!r}")
 
 # %% ../nbs/00_layers.ipynb #35ce254e
-LEAN_DEFAULT = False # Whether new BNETs train through the memory-lean path (read when a BNET is built)
+if not hasattr(defaults, 'bnet_lean'): defaults.bnet_lean = False # Whether new BNETs train through the memory-lean path (read when a BNET is built)
+
+@contextmanager
+def lean_bnets(lean:bool=True, # Path for the BNETs built inside the block: `True` lean, `False` plain
+              ):
+    "Set `defaults.bnet_lean` for the BNETs built inside the block, and restore it after."
+    if not isinstance(lean, bool): raise ValueError(f"lean must be True or False, got lean={lean!r}")
+    old, defaults.bnet_lean = defaults.bnet_lean, lean
+    try: yield
+    finally: defaults.bnet_lean = old
 
 _convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _plain_bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+def _cast(ts, dt): return ts if dt is None else tuple(t.to(dt) for t in ts)
+
 class _LeanBNETFn(torch.autograd.Function):
     "Batch-stat BN (no affine) then depthwise conv, saving only the input (and per-channel stats) for backward."
     @staticmethod
-    def forward(ctx, x, w, b, running_mean, running_var, momentum:float, eps:float):
+    def forward(ctx, x, w, b, running_mean, running_var, momentum:float, eps:float, dt:torch.dtype|None=None):
         # `native_batch_norm` is the kernel `F.batch_norm` runs: same output, same running-stat update (unbiased var).
         xh, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
-        y = _convs[x.dim()-2](xh, w, b, padding=w.shape[-1]//2, groups=x.shape[1])
+        # `dt`: the conv's dtype under autocast, which casts the conv's inputs (the plain path's cast, done here)
+        y = _convs[x.dim()-2](*_cast((xh, w, b), dt), padding=w.shape[-1]//2, groups=x.shape[1])
         ctx.save_for_backward(x, w, b, mean, invstd)
-        ctx.eps = eps
+        ctx.eps, ctx.dt = eps, dt
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, w, b, mean, invstd = ctx.saved_tensors
-        nd, C, p = x.dim()-2, x.shape[1], w.shape[-1]//2
+        nd, C, p, dt = x.dim()-2, x.shape[1], w.shape[-1]//2, ctx.dt or x.dtype
         nx, nw, nb = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True (e.g. Hessian-based optimizers): recompute differentiably so higher derivatives are exact.
-            y = _convs[nd](F.batch_norm(x, None, None, training=True, eps=ctx.eps), w, b, padding=p, groups=C)
+            xh = F.batch_norm(x, None, None, training=True, eps=ctx.eps)
+            y = _convs[nd](*_cast((xh, w, b), ctx.dt), padding=p, groups=C)
             wanted = [t for t, n in zip((x, w, b), (nx, nw, nb)) if n]
             gs = iter(torch.autograd.grad(y, wanted, g, create_graph=True))
-            return tuple(next(gs) if n else None for n in (nx, nw, nb)) + (None,)*4
+            return tuple(next(gs) if n else None for n in (nx, nw, nb)) + (None,)*5
         shape = (1, C) + (1,)*nd
         # x̂ = x·invstd − mean·invstd: the same form the CPU BN kernel uses, so the recomputed x̂ matches the forward one.
         # Only the weight grad reads x̂'s values; the input grad needs just its shape.
-        xh = torch.addcmul((-mean*invstd).view(shape), x, invstd.view(shape)) if nw else x
+        # x̂ takes the conv's dtype: CUDA's BN returns fp32 statistics for half input, which would promote it.
+        xh = (torch.addcmul((-mean*invstd).view(shape), x, invstd.view(shape)) if nw else x).to(dt)
         gxh, gw, gb = torch.ops.aten.convolution_backward(
-            g, xh, w, [C], [1]*nd, [p]*nd, [1]*nd, False, [0]*nd, C, [nx, nw, nb])
+            g.to(dt), xh, w.to(dt), [C], [1]*nd, [p]*nd, [1]*nd, False, [0]*nd, C, [nx, nw, nb])
         del xh
         gx = None
         if nx: gx = torch.ops.aten.native_batch_norm_backward(
-            gxh, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
-        return gx, gw, gb, None, None, None, None
+            gxh.to(x.dtype), x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
+        # Grads leave in their inputs' dtypes, as autograd's casts would return them.
+        return gx, gw if gw is None else gw.to(w.dtype), gb if gb is None else gb.to(b.dtype), None, None, None, None, None
 
 # %% ../nbs/00_layers.ipynb #06b9a55f
 def _lean_applies(m, x) -> bool:
@@ -72,7 +88,6 @@ def _lean_applies(m, x) -> bool:
     if not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad or
                                             (conv.bias is not None and conv.bias.requires_grad)): return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling(): return False # graphs record the plain ops
-    if torch.is_autocast_enabled(x.device.type): return False
     return (conv.bias is not None and conv.padding_mode == 'zeros' and conv.groups == conv.in_channels == conv.out_channels
             and all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation)
             and tuple(conv.padding) == (conv.kernel_size[0]//2,)*m.ndim and x.dim() == m.ndim+2)
@@ -87,8 +102,11 @@ def _lean_bnet(m, x):
         bn.num_batches_tracked.add_(1)
         eaf = 1.0/float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     keep = not bn.training or bn.track_running_stats
+    dev = x.device.type
+    # Autocast casts a conv's fp32/fp16/bf16 inputs (never fp64) to its dtype; the Function does that cast itself.
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype != torch.float64 else None
     return _LeanBNETFn.apply(x, m.conv.weight, m.conv.bias, bn.running_mean if keep else None,
-                             bn.running_var if keep else None, eaf, bn.eps)
+                             bn.running_var if keep else None, eaf, bn.eps, dt)
 
 # %% ../nbs/00_layers.ipynb #e4ac8e0a
 class BNET(nn.Module):
@@ -100,12 +118,12 @@ class BNET(nn.Module):
                  zero:bool=False, # Start as the zero function (kernel and bias 0), for the last norm of a residual branch
                  eps:float=1e-5, # BatchNorm's epsilon
                  momentum:float|None=0.1, # BatchNorm's running-stats momentum (`None`: cumulative average)
-                 lean:bool|None=None, # Train with the memory-lean path (keep only the input for backward); `None`: `LEAN_DEFAULT`
+                 lean:bool|None=None, # Train with the memory-lean path (keep only the input for backward); `None`: `defaults.bnet_lean`
                 ):
         super().__init__()
         _check_ks(ks); _check_ndim(ndim)
         if not isinstance(nf, int) or nf < 1: raise ValueError(f"nf must be a positive int, got nf={nf!r}")
-        if lean is None: lean = LEAN_DEFAULT
+        if lean is None: lean = defaults.bnet_lean
         if not isinstance(lean, bool): raise ValueError(f"lean must be True, False or None, got lean={lean!r}")
         store_attr('nf,ks,ndim,zero,lean')
         self.bn = getattr(nn, f'BatchNorm{ndim}d')(nf, eps=eps, momentum=momentum, affine=False)
@@ -155,7 +173,8 @@ def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchN
     "A BNET that computes exactly what `bn` computes, in train and eval mode."
     _check_ks(ks)
     res = cls(bn.num_features, ks=ks, ndim=_bn_ndim(bn, ndim), eps=bn.eps, momentum=bn.momentum)
-    p = next(bn.parameters(), None)
+    # Device and dtype from γ or, without affine, from the running stats (a BN with neither has no tensors to follow).
+    p = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), None)
     if p is not None: res.to(device=p.device, dtype=p.dtype)
     res.bn.track_running_stats = bn.track_running_stats
     with torch.no_grad():

@@ -28,7 +28,7 @@ from .norms import norm_registry, check_norm
 from .optimizers import opt_registry, get_opt, HessianBackward
 from .activations import act_registry, get_act
 from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
-from .fastai_patches import enable_cpu_amp
+from .precision import PRECISIONS, choose_precision, precision_cbs
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
 
 # %% auto #0
@@ -52,7 +52,7 @@ def _split(s) -> list: return [o.strip() for o in str(s).split(',') if o.strip()
 def train_config(dataset='imagenette', arch=None, norm='bn,bnet', bnet_at='all', act=None, opt=None,
                  epochs=5, lr=None, bs=None, size=None, sched=None, wd=None, seeds='0', mixup=None,
                  bf16=False, channels_last=False, workers=None, sync_bn=False,
-                 sa=None, label_smoothing=None, pool=None, mom=None, sqr_mom=None, eps=None, recipe='none') -> AttrDict:
+                 sa=None, label_smoothing=None, pool=None, mom=None, sqr_mom=None, eps=None, recipe='none', precision='auto') -> AttrDict:
     "Check every training option and return them as one config; raise a `ValueError` naming any bad value. An option left `None` takes `recipe`'s value, else `TRAIN_DEFAULTS`'."
     _check_dataset(dataset)
     if size is None: size = 32 if dataset == 'digits' else 128
@@ -70,9 +70,14 @@ def train_config(dataset='imagenette', arch=None, norm='bn,bnet', bnet_at='all',
     if not seeds: raise ValueError("no seed given; pass seeds like '0,1,2'")
     for k, v in dict(epochs=epochs, bs=bs).items():
         if int(v) < 1: raise ValueError(f"{k} must be at least 1; got {v}")
+    if bf16: # the old flag, kept for one release
+        if precision not in ('auto', 'bf16'): raise ValueError(f"--bf16 contradicts --precision {precision}; drop --bf16 (deprecated)")
+        warnings.warn("--bf16 is deprecated; use --precision bf16", DeprecationWarning)
+        precision = 'bf16'
+    precision, why = choose_precision(precision)
     return AttrDict(dataset=str(dataset), arch=arch, norms=norms, bnet_at=bnet_at, act=act, opt=opt, epochs=int(epochs),
                     lr=float(lr), bs=int(bs), size=int(size), sched=sched, wd=float(wd), seeds=seeds, mixup=float(mixup),
-                    bf16=bool(bf16), channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
+                    precision=precision, precision_why=why, channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
                     sa=bool(o['sa']), label_smoothing=float(o['label_smoothing']), pool=o['pool'], mom=o['mom'], sqr_mom=o['sqr_mom'],
                     eps=o['eps'], recipe=recipe, overrides=overrides, recipe_notes=list(LEADERBOARD_NOTES) if recipe == 'leaderboard' else [])
 
@@ -171,8 +176,7 @@ def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     n_out = len(dls.vocab)
     model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act), **cfg_model_kwargs(cfg))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
-    if cfg.bf16: enable_cpu_amp() # fastai's `MixedPrecision` autocasts only on CUDA unless asked
-    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + ([MixedPrecision(amp_mode='bf16')] if cfg.bf16 else []) + ([ChannelsLast()] if cfg.channels_last else [])
+    cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + precision_cbs(cfg.precision) + ([ChannelsLast()] if cfg.channels_last else [])
     return Learner(dls, model, loss_func=cfg_loss_func(cfg), opt_func=cfg_opt_func(cfg), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
 _names = {'top_k_accuracy': 'top5'}
@@ -274,7 +278,7 @@ def write_outputs(out:Path, # The output folder
     "Write `summary.md` and `curves.png` for all the runs in `out`; return the table."
     out = Path(out)
     table = summary_table(results) + leaderboard_comparison(cfg, results)
-    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}\n\n"
+    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
     (out/'summary.md').write_text(head + table + '\n')
     hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s in cfg.seeds] for n in cfg.norms}
     plot_curves(hists, out/'curves.png')
@@ -288,7 +292,7 @@ def write_run(run_dir:Path, metrics:dict):
     _atomic_write(Path(run_dir)/'metrics.json', lambda f: Path(f).write_text(json.dumps(metrics, indent=2)))
 
 # %% ../nbs/08_train.ipynb #4113590b
-_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'bf16', 'channels_last',
+_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'precision', 'channels_last',
          'sa', 'label_smoothing', 'pool', 'mom', 'sqr_mom', 'eps', 'recipe')
 
 def _check_out(out:Path, cfg:AttrDict, resume:bool):
@@ -352,7 +356,7 @@ def main(
     wd:float=None, # Weight decay (default: 1e-2)
     seeds:str='0', # Seeds, comma-separated; each norm is trained once per seed
     mixup:float=None, # MixUp alpha; 0 turns it off (default: 0)
-    bf16:bool=False, # Train in bfloat16 mixed precision
+    bf16:bool=False, # Deprecated: same as --precision bf16
     channels_last:bool=False, # Use the channels-last memory format
     workers:int=None, # Data-loader worker processes (default: fastai's)
     out:str='runs', # Output folder: per-run history, checkpoints and metrics, summary.md, curves.png
@@ -367,6 +371,7 @@ def main(
     sqr_mom:float=None, # Optimizer second-moment decay (default: the optimizer's)
     eps:float=None, # Optimizer epsilon (default: the optimizer's)
     recipe:str='none', # none, or leaderboard: arch, act, opt, lr, bs, sched, wd, mixup, sa, label-smoothing, pool, mom, sqr-mom and eps at fastai's Imagenette leaderboard values; options given explicitly win
+    precision:str='auto', # auto (bf16 where the device has native bf16 units, else fp32), fp32, bf16 or fp16
 ):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds."
     try: table = train(**{k: v for k, v in locals().items()})

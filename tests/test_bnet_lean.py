@@ -151,18 +151,98 @@ def test_fallbacks_to_plain_path():
     # SyncBatchNorm (after convert_sync_batchnorm) has its own forward: plain path
     ms = nn.SyncBatchNorm.convert_sync_batchnorm(random_bnet(4, 3, 2))
     assert isinstance(ms.bn, nn.SyncBatchNorm)
-    # autocast: the plain path follows autocast's per-op casting rules
-    with torch.autocast('cpu', dtype=torch.bfloat16): assert not is_lean(m(x))
     # lean=False: plain path
     m.lean = False; y = m(x)
     assert not is_lean(y); torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match='lean'): BNET(4, lean='yes')
-    # the default comes from LEAN_DEFAULT, read when the layer is built
-    import bnet_fastai.layers as L
-    assert BNET(4).lean is L.LEAN_DEFAULT
-    old = L.LEAN_DEFAULT
-    try: L.LEAN_DEFAULT = not old; assert BNET(4).lean is (not old)
-    finally: L.LEAN_DEFAULT = old
+
+def test_default_path_is_a_setting_read_at_build():
+    "`defaults.bnet_lean` (fastai's `defaults`) and `lean_bnets()` choose the path that runs, also through a star import."
+    ns = {}
+    exec('from bnet_fastai.layers import *', ns)
+    from fastai.vision.all import defaults
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    old = defaults.bnet_lean
+    try:
+        for flag in (True, False):
+            defaults.bnet_lean = flag
+            m = ns['BNET'](4)
+            assert m.lean is flag and is_lean(m(x)) is flag
+        with ns['lean_bnets'](True): inside = ns['BNET'](4)
+        with ns['lean_bnets'](False): plain = ns['BNET'](4)
+        assert defaults.bnet_lean is False # restored after the block
+        assert is_lean(inside(x)) and not is_lean(plain(x)) and not is_lean(ns['BNET'](4)(x))
+        with pytest.raises(ValueError, match="lean must be True or False, got lean='yes'"):
+            with ns['lean_bnets']('yes'): pass
+        with pytest.raises(KeyError):
+            with ns['lean_bnets'](True): raise KeyError('inside') # restored on error too
+        assert defaults.bnet_lean is False
+    finally: defaults.bnet_lean = old
+
+def test_half_model_with_fp32_statistics(monkeypatch):
+    "A model cast to bf16 without autocast, with BN statistics in fp32 as CUDA's kernel returns them for half input."
+    torch.manual_seed(0)
+    m = random_bnet(6, 3, 2).bfloat16()
+    x = torch.randn(4, 6, 8, 8).bfloat16().requires_grad_()
+    real = torch.native_batch_norm
+    def fp32_stats(*args):
+        out, mean, invstd = real(*args)
+        return out, mean.float(), invstd.float()
+    monkeypatch.setattr(torch, 'native_batch_norm', fp32_stats)
+    y = m(x); assert is_lean(y)
+    g = torch.randn_like(y)
+    got = grads(y, (x, m.conv.weight, m.conv.bias), g)
+    assert [t.dtype for t in got] == [torch.bfloat16]*3
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, m.conv.weight, m.conv.bias))
+    ref = plain_train(x32, w32, b32, None, None, 0.1, m.bn.eps)
+    for a, e in zip(got, grads(ref, (x32, w32, b32), g.float())):
+        torch.testing.assert_close(a.float(), e, atol=0.03 * e.abs().max().item(), rtol=0.03)
+
+# bf16 keeps 8 significant bits (relative rounding 2**-8 ≈ 0.4%); after a k-tap conv and BN's backward the
+# error against fp32 stays within a few roundings of the largest value, so we allow 3% of it.
+BF16_TOL = 0.03
+
+def close_to(got, exp, tol=BF16_TOL):
+    torch.testing.assert_close(got.float(), exp, atol=tol * exp.abs().max().item(), rtol=tol)
+
+@pytest.mark.parametrize('ndim', [1, 2, 3])
+@pytest.mark.parametrize('lean', [True, False])
+def test_bf16_autocast_against_fp32(ndim, lean):
+    "Under bf16 autocast both paths (the lean one now runs there too) match an fp32 reference, in train and eval mode."
+    torch.manual_seed(ndim)
+    m = random_bnet(5, 3, ndim, lean=lean)
+    ref_bn = getattr(nn, f'BatchNorm{ndim}d')(5, affine=False)
+    w, b = m.conv.weight, m.conv.bias
+    for _ in range(2):
+        x = (torch.randn(*sizes[ndim]) * 2 + 3).requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16): y = m(x)
+        assert is_lean(y) == lean and y.dtype == torch.bfloat16
+        ref = convs[ndim](ref_bn(x), w, b, padding=1, groups=5)
+        close_to(y, ref)
+        g = torch.randn_like(ref)
+        got = grads(y, (x, w, b), g.bfloat16())
+        assert [t.dtype for t in got] == [torch.float32]*3 # grads come back in the parameters' and input's dtype
+        for a, e in zip(got, grads(ref, (x, w, b), g)): close_to(a, e)
+    torch.testing.assert_close(m.bn.running_mean, ref_bn.running_mean, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(m.bn.running_var, ref_bn.running_var, atol=1e-3, rtol=1e-3)
+    m.eval(); ref_bn.eval()
+    x = torch.randn(*sizes[ndim]) * 2 + 3
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16): y = m(x)
+    close_to(y, convs[ndim](ref_bn(x), w, b, padding=1, groups=5).detach())
+
+def test_autocast_lean_equals_plain_and_saves_only_the_input():
+    "Under autocast the lean path runs the plain path's kernels on the same casts, and keeps no x̂."
+    m = random_bnet(16, 3, 2)
+    x = torch.randn(4, 16, 12, 12, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = m(x); m.lean = False; yp = m(x); m.lean = True
+        big = lambda d: {p: n for p, n in d.items() if n >= x.nbytes // 2}
+        assert big(saved_storages(m, x)) == {x.untyped_storage().data_ptr(): x.nbytes}
+    assert is_lean(y) and not is_lean(yp)
+    torch.testing.assert_close(y, yp, atol=0, rtol=0)
+    g = torch.randn_like(y)
+    for a, e in zip(grads(y, (x, m.conv.weight, m.conv.bias), g), grads(yp, (x, m.conv.weight, m.conv.bias), g)):
+        close_to(a, e, tol=0.01)
 
 def test_jit_script_trace_and_compile():
     from bnet_fastai.models.xresnet import xresnet18

@@ -50,6 +50,17 @@ def test_from_bn_reproduces_trained_bn(bn_cls, shape):
     torch.testing.assert_close(m.bn.running_var, bn.running_var)
     assert (m.bn.eps, m.bn.momentum) == (bn.eps, bn.momentum)
 
+def test_from_bn_without_affine_keeps_dtype():
+    "A BN without γ/β: the BNET follows its running stats' dtype (float64 stands for a half or CUDA model)."
+    bn = nn.BatchNorm2d(5, affine=False).double()
+    with torch.no_grad(): bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2)
+    m = BNET.from_bn(bn)
+    assert {t.dtype for t in (*m.parameters(), m.bn.running_mean, m.bn.running_var)} == {torch.float64}
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(m(x), bn(x))
+    m.eval(); bn.eval()
+    torch.testing.assert_close(m(x), bn(x))
+
 def test_from_syncbn_needs_ndim():
     sbn = nn.SyncBatchNorm(4)
     with pytest.raises(ValueError, match='ndim'): BNET.from_bn(sbn)
