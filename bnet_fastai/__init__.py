@@ -9,5 +9,8 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/init.html.md"""
 __all__ = []
 
 # %% ../nbs/98_init.ipynb #7267c37b
+import warnings
+# fastai.layers calls the deprecated `torch.jit.script` at import: a warning no user of this package can act on.
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning, module=r'torch\.jit\._script')
 from .fastai_patches import apply_patches as _apply_patches
 _apply_patches()

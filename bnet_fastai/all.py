@@ -21,9 +21,11 @@ from .data import *
 from .train import *
 from .distributed import *
 from .fastai_patches import *
+from .recipes import *
+from .precision import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches']
+_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches', 'recipes', 'precision']
 # Names fastai also exports with another meaning: a star import after fastai's must not shadow them.
 # `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` or `opt_func='ranger'`.
 _unlike_fastai = {'ranger'}

@@ -29,6 +29,9 @@ def set_bn_eval(m:nn.Module, use_eval=True)->None:
         # fastai recurses with the default `use_eval`; kept so results match fastai's exactly.
         if not isinstance(l, BNET): set_bn_eval(l)
 
+# fastai's own annotations, evaluated, so `inspect.signature` reads exactly as fastai's does.
+set_bn_eval.__annotations__ = {'m': nn.Module, 'return': None}
+
 # %% ../nbs/03_fastai_patches.ipynb #996d11b1
 def mp_before_fit(self):
     "fastai's `MixedPrecision.before_fit`, with the autocast and loss scaler on the device the data is on."

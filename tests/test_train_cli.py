@@ -22,8 +22,6 @@ def err_lines(err:str) -> list:
     i = next((i for i, l in enumerate(lines) if _JIT_WARNING in l), None)
     return lines if i is None else lines[:i] + lines[i+2:]  # the warning and its source line
 
-@pytest.mark.xfail(strict=True, reason="fastai.layers calls torch.jit.script at import; the narrow filter for its "
-                   "FutureWarning goes in bnet_fastai/__init__.py (nbs/98_init), before fastai is imported")
 def test_import_is_quiet():
     p = subprocess.run([sys.executable, '-c', 'import bnet_fastai.train'], env=ENV, capture_output=True, text=True)
     assert p.returncode == 0 and p.stderr == ''
