@@ -13,8 +13,8 @@ export MPLBACKEND := Agg
 
 # pip runs only for what is missing, so an installed checkout starts at once and one installed elsewhere is left alone.
 install:
-	@$(PYTHON) scripts/missing.py $(TORCH) || $(PYTHON) -m pip install -q $(TORCH)
-	@$(PYTHON) scripts/missing.py || $(PYTHON) -m pip install -q -e ".[dev]"
+	@$(PYTHON) .ci/missing.py $(TORCH) || $(PYTHON) -m pip install -q $(TORCH)
+	@$(PYTHON) .ci/missing.py || $(PYTHON) -m pip install -q -e ".[dev]"
 
 # --resume: a second `make demo` prints the finished table again, and an interrupted one continues.
 demo: install

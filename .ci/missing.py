@@ -1,6 +1,6 @@
 """Say what the make targets must install: exit 1 and list what is missing, or exit 0.
 
-`python scripts/missing.py torch==2.14.1 ...` checks the requirements given; with none, the project's own
+`python .ci/missing.py torch==2.14.1 ...` checks the requirements given; with none, the project's own
 (pyproject.toml's dependencies and dev extras) and its commands."""
 import importlib.metadata as md, shutil, sys
 from pathlib import Path
@@ -10,6 +10,12 @@ try: from packaging.requirements import Requirement
 except ImportError: from pip._vendor.packaging.requirements import Requirement  # a fresh venv has only pip
 
 root = Path(__file__).resolve().parents[1]
+
+def installed_here(name):
+    "Whether `name` is installed (editable or not) from this checkout, not from another clone."
+    try: url = md.distribution(name).read_text('direct_url.json') or ''
+    except md.PackageNotFoundError: return False
+    return root.as_uri() in url
 
 def missing(reqs, cmds=()):
     for r in map(Requirement, reqs):
@@ -25,5 +31,6 @@ if __name__ == '__main__':
         proj = tomllib.loads((root/'pyproject.toml').read_text())['project']
         reqs, cmds = [proj['name'], *proj['dependencies'], *proj['optional-dependencies']['dev']], proj['scripts']
     miss = list(missing(reqs, cmds))
+    if not sys.argv[1:] and not installed_here(proj['name']): miss.append(f"{proj['name']} from {root}")
     if miss: print("to install: " + ', '.join(miss))
     sys.exit(1 if miss else 0)
