@@ -137,3 +137,11 @@ def test_learner_treats_bnet_as_norm():
     learn.freeze()
     assert all(p.requires_grad for o in model.modules() if isinstance(o, BNET) for p in o.parameters())
     assert not conv_w.requires_grad
+
+def test_set_norms_keeps_device_and_dtype():
+    "A float64 model (standing in for a CUDA or half one) gets float64 BNETs, which run on its activations."
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)).double()
+    bx.set_norms(m, 'bnet')
+    assert all(isinstance(o, BNET) for o in m[1:])
+    assert {p.dtype for p in m.parameters()} | {b.dtype for b in m.buffers() if b.is_floating_point()} == {torch.float64}
+    assert m(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64

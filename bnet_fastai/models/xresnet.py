@@ -53,7 +53,9 @@ def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai
     for parent, name, bn in targets:
         ndim = [k for k in (1, 2, 3) if isinstance(bn, _bn_types[k-1])][0]
         new = make_norm(norm, bn.num_features, ndim=ndim, zero=id(bn) in last)
-        setattr(parent, name, new.to(bn.running_mean.device if bn.running_mean is not None else 'cpu'))
+        # keep the replaced norm's device and dtype (a CUDA or half-precision model stays so)
+        t = next(iter([*bn.parameters(), *(b for b in bn.buffers() if b.is_floating_point())]), None)
+        setattr(parent, name, new if t is None else new.to(device=t.device, dtype=t.dtype))
     return model
 
 # %% ../../nbs/02_xresnet.ipynb #88c79c9a
