@@ -24,19 +24,6 @@ SCRIPT = dict(arch='xse_resnext50', act='mish', sa=True, pool='max', opt='ranger
               sched='flat_cos', lr=8e-3, wd=1e-2, bs=64, label_smoothing=LabelSmoothingCrossEntropy().eps)
 SCRIPT_MIXUP = {5: 0., 20: 0., 80: 0.2, 200: 0.2}
 
-@pytest.fixture(scope='module')
-def nette_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp('fastai_home')
-    fake_imagenette(home/'data'/'imagenette2-160', n_train=4, n_val=2)
-    return home
-
-@pytest.fixture
-def use_home(monkeypatch):
-    def _use(home):
-        monkeypatch.setenv('FASTAI_HOME', str(home)); fastai_cfg.cache_clear()
-    yield _use
-    fastai_cfg.cache_clear()
-
 @pytest.mark.parametrize('dataset,size,epochs', itertools.product(('imagenette', 'imagewoof'), (128, 192, 256), (5, 20, 80, 200)))
 def test_recipe_values_are_the_leaderboard_runs(dataset, size, epochs):
     cfg = train_config(recipe='leaderboard', dataset=dataset, size=size, epochs=epochs)

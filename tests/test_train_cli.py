@@ -32,20 +32,6 @@ def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp('digits')/'r'
     return out, bnet_train(*DIGITS, '--norm', 'bn,bnet', '--out', out)
 
-@pytest.fixture(scope='module')
-def nette_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp('fastai_home')
-    fake_imagenette(home/'data'/'imagenette2-160', n_train=4, n_val=2)
-    return home
-
-@pytest.fixture
-def use_home(monkeypatch):
-    "Point fastai at another FASTAI_HOME inside this process (`fastai_cfg` caches the first one it reads)."
-    def _use(home):
-        monkeypatch.setenv('FASTAI_HOME', str(home)); fastai_cfg.cache_clear()
-    yield _use
-    fastai_cfg.cache_clear()
-
 @pytest.mark.slow
 def test_digits_bn_vs_bnet(digits_runs):
     out, p = digits_runs
