@@ -6,11 +6,13 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/convert.html.md"""
 
 # %% ../nbs/10_convert.ipynb #bbf6660d
 from __future__ import annotations
+import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 from timm.models import resnet as timm_resnet
+from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from .layers import BNET, _check_ks
 from .models.xresnet import residual_last_norms
 
@@ -32,14 +34,24 @@ def branch_last_norms(model:nn.Module) -> list:
 
 # %% ../nbs/10_convert.ipynb #4e50b9c3
 _bn_base = nn.modules.batchnorm._BatchNorm
-# Subclasses that keep BatchNorm's forward compute what `BNET.from_bn` reproduces; others (e.g. timm's `BatchNormAct2d`, which adds an activation) do not.
+# Subclasses that keep BatchNorm's forward compute what `BNET.from_bn` reproduces.
 _plain_bn_forwards = (_bn_base.forward, nn.SyncBatchNorm.forward)
+# timm's norms with a built-in activation compute BatchNorm, then their own `drop` and `act` submodules.
+_norm_act_forwards = (BatchNormAct2d.forward, SyncBatchNormAct.forward)
 
 def _why_not(m):
     "Why BatchNorm-like `m` cannot be converted exactly, or `None` if it can."
-    if type(m).forward not in _plain_bn_forwards: return f"{type(m).__name__} has its own forward (not plain BatchNorm)"
+    if type(m).forward not in _plain_bn_forwards + _norm_act_forwards:
+        return f"{type(m).__name__} has its own forward (neither plain BatchNorm nor timm's BatchNormAct2d)"
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params(): return "lazy norm not initialised yet"
     return None
+
+def _to_bnet(m, ks, ndim):
+    "The layer computing what norm `m` computes: its BNET, followed by `m`'s own drop and act for timm's norms with activation."
+    if isinstance(m, SyncBatchNormAct): ndim = 2  # timm makes it only from BatchNormAct2d
+    b = BNET.from_bn(m, ks=ks, ndim=ndim)
+    if type(m).forward not in _norm_act_forwards: return b
+    return nn.Sequential(b, getattr(m, 'drop', nn.Identity()), getattr(m, 'act', nn.Identity())).train(m.training)
 
 def _n_params(m): return sum(p.numel() for p in m.parameters())
 
@@ -66,7 +78,7 @@ class ConvertReport:
         return '\n'.join(res)
 
 # %% ../nbs/10_convert.ipynb #35f6a52d
-def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d or SyncBatchNorm layers
+def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, SyncBatchNorm or timm BatchNormAct2d layers
                     ks:int=3, # Odd kernel size of the new BNETs' depthwise conv
                     at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
                     inplace:bool=False, # Change `model` itself rather than a deep copy
@@ -92,8 +104,11 @@ def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d or Sy
             name = f'{pname}.{cname}' if pname else cname
             why = _why_not(m)
             if why: rep.left.append((name, why)); continue
-            if id(m) not in new: new[id(m)] = BNET.from_bn(m, ks=ks, ndim=ndim); rep.converted.append(name)
+            if id(m) not in new: new[id(m)] = _to_bnet(m, ks, ndim); rep.converted.append(name)
             sites.append((parent, cname, new[id(m)]))
     for parent, cname, b in sites: setattr(parent, cname, b)
     rep.params_after = _n_params(model)
+    if not rep.converted:
+        why = '; '.join(f'{n}: {w}' for n, w in rep.left[:3]) + (f'; and {len(rep.left)-3} more' if len(rep.left) > 3 else '')
+        warnings.warn(f"convert_to_bnet converted nothing: {why or 'no BatchNorm found outside existing BNETs'}")
     return model, rep

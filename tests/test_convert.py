@@ -1,5 +1,5 @@
 "convert_to_bnet keeps the function of fastai, torchvision and timm models, and of a fastai vision_learner."
-import pytest, torch, timm, torchvision
+import pytest, torch, timm, torchvision, warnings
 import torch.nn.functional as F
 from torch import nn
 from copy import deepcopy
@@ -94,3 +94,48 @@ def test_vision_learner_convert_split_and_fit():
     learn.fit_one_cycle(1, 1e-3)
     loss = learn.recorder.values[-1]
     assert all(torch.isfinite(torch.tensor(v)) for v in loss)
+
+def random_norm_stats(model, seed=0):
+    "Every BatchNorm gets random running statistics and affine, as a trained network has."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm): continue
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2); m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5); m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+def n_any_bn(model): return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+@pytest.mark.parametrize('name', ['mobilenetv3_large_100', 'regnety_002'])
+def test_convert_timm_norm_act(name):
+    "timm's BatchNormAct2d (BatchNorm, dropout, activation in one layer) converts exactly, and fuse_bnet folds the result."
+    from timm.layers import BatchNormAct2d
+    from bnet_fastai.deploy import fuse_bnet
+    # Dropout and drop-path on, so train mode exercises the seeded random layers too.
+    orig = random_norm_stats(timm.create_model(name, pretrained=False, drop_rate=0.2, drop_path_rate=0.1))
+    nacts = sum(isinstance(m, BatchNormAct2d) for m in orig.modules())
+    assert nacts > 0 and nacts == n_any_bn(orig)
+    new, rep = convert_to_bnet(orig)
+    assert rep.n_converted == nacts and not rep.left and n_bn(new) == 0
+    # Each norm becomes its BNET followed by the layer's own drop and activation.
+    acts = [(type(new.get_submodule(n)[2]), type(orig.get_submodule(n).act)) for n in rep.converted]
+    assert all(a == b for a, b in acts) and any(a is not nn.Identity for a, _ in acts)
+    x = torch.randn(2, 3, 64, 64)
+    for train in (False, True):
+        yo, yn = _fwd(orig, x, train), _fwd(new, x, train)
+        torch.testing.assert_close(yn, yo, rtol=1e-5, atol=1e-5 * yo.abs().max().item())
+    fused, frep = fuse_bnet(new.eval())
+    assert len(frep.folded) == nacts and not frep.left and n_any_bn(fused) == 0  # BNET's inner BatchNorms too
+    yo, yf = _fwd(orig, x, False), _fwd(fused, x, False)
+    torch.testing.assert_close(yf, yo, rtol=1e-4, atol=1e-4 * yo.abs().max().item())
+
+class _ScaledBN(nn.BatchNorm2d):
+    def forward(self, x): return 2 * super().forward(x)
+
+def test_convert_warns_when_nothing_converts():
+    with pytest.warns(UserWarning, match="no BatchNorm found"): convert_to_bnet(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    with pytest.warns(UserWarning, match="_ScaledBN has its own forward"): convert_to_bnet(nn.Sequential(nn.Conv2d(3, 8, 3), _ScaledBN(8)))
+    with warnings.catch_warnings():  # a model with something to convert stays quiet
+        warnings.simplefilter('error'); convert_to_bnet(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), _ScaledBN(8)))
