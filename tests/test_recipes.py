@@ -67,10 +67,11 @@ def test_sa_and_pool_reach_the_model(digits):
     "`sa` and `pool` build the same XResNet as fastai's own builder with the same arguments."
     learn = build_learner(train_config(dataset='digits', sa=True, pool='max'), 'bn', digits)
     ref = fx.xresnet18(n_out=10, sa=True, pool=MaxPool)
-    assert [type(m) for m in learn.model.modules()] == [type(m) for m in ref.modules()]
+    types = lambda model: [type(m) for m in model.modules()][1:] # the model itself is our `NormXResNet`, a subclass of fastai's
+    assert isinstance(learn.model, fx.XResNet) and types(learn.model) == types(ref)
     assert sum(isinstance(m, SimpleSelfAttention) for m in learn.model.modules()) == 1
     plain = build_learner(train_config(dataset='digits'), 'bn', digits).model
-    assert [type(m) for m in plain.modules()] == [type(m) for m in fx.xresnet18(n_out=10).modules()]
+    assert types(plain) == types(fx.xresnet18(n_out=10))
     n_pools = lambda model, t: sum(isinstance(m, t) for m in model.modules())
     # one MaxPool2d in the stem; pool='max' puts one on each of the three downsampling shortcuts, in place of AvgPool2d
     assert (n_pools(plain, nn.MaxPool2d), n_pools(plain, nn.AvgPool2d), n_pools(plain, SimpleSelfAttention)) == (1, 3, 0)
