@@ -113,7 +113,8 @@ def test_resume_after_the_model_moved(name, moved_learner, tmp_path):
 def test_bnet_train_resume_after_the_model_moved(moved_learner, tmp_path):
     "The same through `bnet-train`'s `train`, with the README's optimizer."
     out = tmp_path/'r'
-    check_resumed(interrupt_and_resume(lambda resume: train(out=out, resume=resume, opt='ranger_lars', **RESUME), out/'bnet_s0', moved_learner))
+    # --keep-checkpoints: a finished run otherwise keeps only its weights, and the optimizer state is what is checked
+    check_resumed(interrupt_and_resume(lambda resume: train(out=out, resume=resume, keep_checkpoints=True, opt='ranger_lars', **RESUME), out/'bnet_s0', moved_learner))
 
 # ---- ONNX check under TF32 ------------------------------------------------------------------------------------
 
