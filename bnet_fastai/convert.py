@@ -10,32 +10,17 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from torch import nn
-from torchvision.models import resnet as tv_resnet
-from timm.models import resnet as timm_resnet
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from .layers import BNET, _check_ks
-from .models.xresnet import residual_last_norms
+from .placement import bn_base, bn_sites, check_placement, _renamed_at
+from .placement import branch_last_norms # documented here first: keep it importable from `convert`
 
 # %% auto #0
-__all__ = ['branch_last_norms', 'ConvertReport', 'convert_to_bnet']
-
-# %% ../nbs/10_convert.ipynb #3d1748a5
-# The attribute holding the branch-ending norm of each known residual block class.
-_block_last = {tv_resnet.BasicBlock: 'bn2', tv_resnet.Bottleneck: 'bn3',
-               timm_resnet.BasicBlock: 'bn2', timm_resnet.Bottleneck: 'bn3'}
-
-def branch_last_norms(model:nn.Module) -> list:
-    "The norm that ends each residual branch of fastai, torchvision and timm ResNet blocks in `model`."
-    res = residual_last_norms(model)
-    for m in model.modules():
-        for cls, attr in _block_last.items():
-            if isinstance(m, cls): res.append(getattr(m, attr))
-    return list({id(m): m for m in res}.values())
+__all__ = ['ConvertReport', 'convert_to_bnet']
 
 # %% ../nbs/10_convert.ipynb #4e50b9c3
-_bn_base = nn.modules.batchnorm._BatchNorm
 # Subclasses that keep BatchNorm's forward compute what `BNET.from_bn` reproduces.
-_plain_bn_forwards = (_bn_base.forward, nn.SyncBatchNorm.forward)
+_plain_bn_forwards = (bn_base.forward, nn.SyncBatchNorm.forward)
 # timm's norms with a built-in activation compute BatchNorm, then their own `drop` and `act` submodules.
 _norm_act_forwards = (BatchNormAct2d.forward, SyncBatchNormAct.forward)
 
@@ -60,7 +45,7 @@ def _n_params(m): return sum(p.numel() for p in m.parameters())
 class ConvertReport:
     "What `convert_to_bnet` did: the norms it converted, those it left, and the parameters it added."
     ks:int # Kernel size of the new BNETs
-    at:str # 'all' or 'last'
+    bnet_at:str # 'all' or 'last'
     converted:list=field(default_factory=list) # Names of the converted norms
     left:list=field(default_factory=list) # (name, reason) for each BatchNorm left as it was
     params_before:int=0 # Parameter count before
@@ -70,9 +55,14 @@ class ConvertReport:
     def n_converted(self): return len(self.converted)
     @property
     def params_added(self): return self.params_after - self.params_before
+    @property
+    def at(self):
+        "Deprecated name of `bnet_at`."
+        warnings.warn("ConvertReport.at is deprecated and will be removed; use ConvertReport.bnet_at", DeprecationWarning, stacklevel=2)
+        return self.bnet_at
 
     def __repr__(self):
-        res = [f"convert_to_bnet(ks={self.ks}, at={self.at!r}): {self.n_converted} norms -> BNET-{self.ks}, "
+        res = [f"convert_to_bnet(ks={self.ks}, bnet_at={self.bnet_at!r}): {self.n_converted} norms -> BNET-{self.ks}, "
                f"parameters {self.params_before:,} -> {self.params_after:,} (+{self.params_added:,})"]
         res += [f"  left {n}: {why}" for n, why in self.left]
         return '\n'.join(res)
@@ -80,33 +70,25 @@ class ConvertReport:
 # %% ../nbs/10_convert.ipynb #35f6a52d
 def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, SyncBatchNorm or timm BatchNormAct2d layers
                     ks:int=3, # Odd kernel size of the new BNETs' depthwise conv
-                    at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
+                    bnet_at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
                     inplace:bool=False, # Change `model` itself rather than a deep copy
                     ndim:int|None=None, # Spatial dims of `SyncBatchNorm` layers (they do not record it); others know theirs
+                    at:str|None=None, # Deprecated name of `bnet_at`
                    ) -> tuple: # The converted model and a `ConvertReport`
     "Replace `model`'s BatchNorms by BNETs computing exactly the same function (`BNET.from_bn`), in train and eval mode."
     _check_ks(ks)
-    if at not in ('all', 'last'): raise ValueError(f"unknown placement at={at!r}; valid choices: 'all', 'last'")
+    bnet_at = check_placement(_renamed_at(bnet_at, at, 'convert_to_bnet'))
     if not inplace: model = deepcopy(model)
-    rep = ConvertReport(ks, at, params_before=_n_params(model))
-    wanted = None
-    if at == 'last':
-        wanted = {id(m) for m in branch_last_norms(model)}
-        if not wanted: raise ValueError("at='last' found no residual block (fastai ResBlock, torchvision or timm "
-                                        "BasicBlock/Bottleneck) in the model; use at='all'")
-    inside_bnet = {id(m) for b in model.modules() if isinstance(b, BNET) for m in b.modules()}
+    sites = bn_sites(model, bnet_at)
+    rep = ConvertReport(ks, bnet_at, params_before=_n_params(model))
     # Build every new layer before touching the model, so a bad layer leaves it unchanged.
-    new, sites = {}, []
-    for pname, parent in model.named_modules():
-        if id(parent) in inside_bnet: continue
-        for cname, m in parent.named_children():
-            if not isinstance(m, _bn_base) or (wanted is not None and id(m) not in wanted): continue
-            name = f'{pname}.{cname}' if pname else cname
-            why = _why_not(m)
-            if why: rep.left.append((name, why)); continue
-            if id(m) not in new: new[id(m)] = _to_bnet(m, ks, ndim); rep.converted.append(name)
-            sites.append((parent, cname, new[id(m)]))
-    for parent, cname, b in sites: setattr(parent, cname, b)
+    new, todo = {}, []
+    for s in sites:
+        why = _why_not(s.bn)
+        if why: rep.left.append((s.name, why)); continue
+        if id(s.bn) not in new: new[id(s.bn)] = _to_bnet(s.bn, ks, ndim); rep.converted.append(s.name)
+        todo.append((s.parent, s.attr, new[id(s.bn)]))
+    for parent, attr, b in todo: setattr(parent, attr, b)
     rep.params_after = _n_params(model)
     if not rep.converted:
         why = '; '.join(f'{n}: {w}' for n, w in rep.left[:3]) + (f'; and {len(rep.left)-3} more' if len(rep.left) > 3 else '')

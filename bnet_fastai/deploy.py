@@ -15,21 +15,21 @@ from torch import nn
 import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .layers import BNET
+from .placement import bn_base
 
 # %% auto #0
 __all__ = ['FuseReport', 'fuse_bnet', 'export_onnx']
 
 # %% ../nbs/11_deploy.ipynb #8a7bbbe0
 _convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_bn_base = nn.modules.batchnorm._BatchNorm
 
 def _is_plain(m, types, base_forward):
     "`m` is one of `types` and computes exactly what its base class computes."
     return isinstance(m, types) and type(m).forward in base_forward
 
 def _plain_conv(m): return _is_plain(m, _convs, {c.forward for c in _convs})
-def _plain_bn(m): return _is_plain(m, _bn_base, {_bn_base.forward})
-def _is_norm(m): return isinstance(m, (BNET, _bn_base))
+def _plain_bn(m): return _is_plain(m, bn_base, {bn_base.forward})
+def _is_norm(m): return isinstance(m, (BNET, bn_base))
 
 class _Tracer(fx.Tracer):
     "Keep BNET and every BatchNorm as single calls."

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch, torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import AttrDict
 from fastcore.net import free_port
@@ -19,6 +18,7 @@ from fastai.torch_core import num_distrib, rank_distrib, find_bs, distrib_barrie
 from fastai.learner import Learner, AvgMetric, AvgLoss
 from fastai.callback.core import Callback
 import fastai.distributed # adds `Learner.distrib_ctx`
+from .placement import bn_base
 
 # %% auto #0
 __all__ = ['barrier', 'sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'gather_objects',
@@ -67,7 +67,7 @@ from torch.distributed.nn.functional import all_reduce as _all_reduce
 # The public all-reduce with autograd; the replacement its deprecation warning names is a private module
 warnings.filterwarnings('ignore', 'torch.distributed.nn.functional.all_reduce is deprecated', FutureWarning)
 
-class CPUSyncBatchNorm(_BatchNorm):
+class CPUSyncBatchNorm(bn_base):
     "BatchNorm whose training statistics cover every process of a CPU (gloo) process group; PyTorch's `SyncBatchNorm` for CPUs."
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
@@ -100,7 +100,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         return (y if self.weight is None else y * self.weight.view(shape) + self.bias.view(shape)).to(dtype)
 
     @classmethod
-    def from_bn(cls, bn:_BatchNorm, process_group=None):
+    def from_bn(cls, bn:bn_base, process_group=None):
         "A `CPUSyncBatchNorm` sharing `bn`'s parameters and buffers."
         res = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group)
         if bn.affine: res.weight, res.bias = bn.weight, bn.bias
@@ -111,7 +111,7 @@ class CPUSyncBatchNorm(_BatchNorm):
 sync_bn_types = (nn.SyncBatchNorm, CPUSyncBatchNorm)
 
 def _to_cpu_sync(m:nn.Module, process_group) -> nn.Module:
-    if isinstance(m, _BatchNorm) and not isinstance(m, sync_bn_types): return CPUSyncBatchNorm.from_bn(m, process_group)
+    if isinstance(m, bn_base) and not isinstance(m, sync_bn_types): return CPUSyncBatchNorm.from_bn(m, process_group)
     for name, c in m.named_children(): setattr(m, name, _to_cpu_sync(c, process_group))
     return m
 
@@ -192,7 +192,7 @@ class NormStatsDump(Callback):
                 ): self.folder, self.run = Path(folder), run
     def after_train(self):
         m = unwrap(self.learn.model)
-        norms = {n: o for n, o in m.named_modules() if isinstance(o, _BatchNorm)}
+        norms = {n: o for n, o in m.named_modules() if isinstance(o, bn_base)}
         stats = {f'{n}.{b}': getattr(o, b).detach().cpu().clone() for n, o in norms.items()
                  for b in ('running_mean', 'running_var', 'num_batches_tracked')}
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 from contextlib import contextmanager
 from fastcore.basics import store_attr, defaults
+from .placement import bn_types, bn_ndim
 
 # %% auto #0
 __all__ = ['lean_bnets', 'BNET']
@@ -37,7 +38,6 @@ def lean_bnets(lean:bool=True, # Path for the BNETs built inside the block: `Tru
     finally: defaults.bnet_lean = old
 
 _convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_plain_bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _cast(ts, dt): return ts if dt is None else tuple(t.to(dt) for t in ts)
 
@@ -83,7 +83,7 @@ class _LeanBNETFn(torch.autograd.Function):
 def _lean_applies(m, x) -> bool:
     "Whether BNET `m` can take the lean path for `x`; otherwise it runs plain `bn` then `conv`."
     bn, conv = m.bn, m.conv
-    if type(bn) not in _plain_bns: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
+    if type(bn) not in bn_types: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
     if not (bn.training or (bn.running_mean is None and bn.running_var is None)): return False # eval: nothing to save
     if not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad or
                                             (conv.bias is not None and conv.bias.requires_grad)): return False
@@ -154,17 +154,6 @@ class BNET(nn.Module):
         return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + (', lean=True' if self.lean else '')
 
 # %% ../nbs/00_layers.ipynb #d0359050
-_bn_classes = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
-
-def _bn_ndim(bn, ndim=None):
-    "Spatial dims of `bn`, from its class or (for `SyncBatchNorm`, which has none) from `ndim`."
-    for cls, n in _bn_classes.items():
-        if isinstance(bn, cls): return n
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and ndim is not None: return ndim
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise ValueError(f"{type(bn).__name__} does not say its number of spatial dims; pass ndim=1, 2 or 3")
-    raise ValueError(f"expected a BatchNorm1d/2d/3d or SyncBatchNorm, got {type(bn).__name__}")
-
 @classmethod
 def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchNorm`
              ks:int=3, # Kernel size of the new BNET
@@ -172,7 +161,7 @@ def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchN
             ) -> BNET:
     "A BNET that computes exactly what `bn` computes, in train and eval mode."
     _check_ks(ks)
-    res = cls(bn.num_features, ks=ks, ndim=_bn_ndim(bn, ndim), eps=bn.eps, momentum=bn.momentum)
+    res = cls(bn.num_features, ks=ks, ndim=bn_ndim(bn, ndim), eps=bn.eps, momentum=bn.momentum)
     # Device and dtype from γ or, without affine, from the running stats (a BN with neither has no tensors to follow).
     p = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), None)
     if p is not None: res.to(device=p.device, dtype=p.dtype)

@@ -10,10 +10,10 @@ import inspect
 from collections import OrderedDict
 from fastcore.meta import delegates
 from torch import nn
-from fastai.layers import ConvLayer, ResBlock, SEBlock, SEResNeXtBlock, defaults
+from fastai.layers import ResBlock, SEBlock, SEResNeXtBlock, defaults
 from fastai.vision.models import xresnet as fx
 from fastai.vision.learner import model_meta
-from ..layers import BNET
+from ..placement import bn_types, bn_ndim, bn_sites, check_placement, _renamed_at
 from ..norms import make_norm, check_norm
 from ..activations import get_act
 
@@ -23,44 +23,28 @@ __all__ = ['arch_registry', 'g0', 'g1', 'g2', 'g3', 'se1', 'se2', 'se3', 'xresne
            'xresnet50_deeper', 'xse_resnet18', 'xse_resnet34', 'xse_resnet50', 'xse_resnet101', 'xse_resnet152',
            'xresnext18', 'xresnext34', 'xresnext50', 'xresnext101', 'xse_resnext18', 'xse_resnext34', 'xse_resnext50',
            'xse_resnext101', 'xse_resnext18_deep', 'xse_resnext34_deep', 'xse_resnext50_deep', 'xse_resnext18_deeper',
-           'xse_resnext34_deeper', 'xse_resnext50_deeper', 'xsenet154', 'residual_last_norms', 'set_norms',
-           'NormXResNet', 'register_arch', 'get_arch', 'arch_builder', 'with_norm']
-
-# %% ../../nbs/02_xresnet.ipynb #d3200325
-_bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_norm_like = _bn_types + (BNET, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-
-def residual_last_norms(model:nn.Module) -> list:
-    "The norm that ends each fastai `ResBlock`'s residual branch (fastai's `BatchZero` position)."
-    res = []
-    for m in model.modules():
-        if not isinstance(m, ResBlock): continue
-        last = [l for l in m.convpath if isinstance(l, ConvLayer)][-1]
-        res += [c for c in last.children() if isinstance(c, _norm_like)]
-    return res
+           'xse_resnext34_deeper', 'xse_resnext50_deeper', 'xsenet154', 'set_norms', 'NormXResNet', 'register_arch',
+           'get_arch', 'arch_builder', 'with_norm']
 
 # %% ../../nbs/02_xresnet.ipynb #b07bfc44
-def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai
+def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai, torchvision or timm
               norm='bn', # A name from `norm_registry`, or a callable
-              at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
+              bnet_at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
+              zero_last:bool=True, # Start the norm ending each residual branch at zero
+              at:str|None=None, # Deprecated name of `bnet_at`
              ) -> nn.Module:
-    "Replace `model`'s BatchNorms with fresh `norm` layers; residual-last norms start at zero."
+    "Replace `model`'s plain BatchNorms with fresh `norm` layers; those ending a residual branch start at zero."
     check_norm(norm)
-    if at not in ('all', 'last'): raise ValueError(f"unknown placement at={at!r}; valid choices: 'all', 'last'")
-    last = {id(m) for m in residual_last_norms(model)}
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, _bn_types) and (at == 'all' or id(child) in last)]
-    for parent, name, bn in targets:
-        ndim = [k for k in (1, 2, 3) if isinstance(bn, _bn_types[k-1])][0]
-        new = make_norm(norm, bn.num_features, ndim=ndim, zero=id(bn) in last)
+    for s in bn_sites(model, _renamed_at(bnet_at, at, 'set_norms'), types=bn_types):
+        new = make_norm(norm, s.bn.num_features, ndim=bn_ndim(s.bn), zero=zero_last and s.branch_end)
         # keep the replaced norm's device and dtype (a CUDA or half-precision model stays so)
-        t = next(iter([*bn.parameters(), *(b for b in bn.buffers() if b.is_floating_point())]), None)
-        setattr(parent, name, new if t is None else new.to(device=t.device, dtype=t.dtype))
+        t = next(iter([*s.bn.parameters(), *(b for b in s.bn.buffers() if b.is_floating_point())]), None)
+        setattr(s.parent, s.attr, new if t is None else new.to(device=t.device, dtype=t.dtype))
     return model
 
 # %% ../../nbs/02_xresnet.ipynb #88c79c9a
 class NormXResNet(fx.XResNet):
-    "fastai's `XResNet` where `norm` replaces every norm (stem, conv path and identity path), or only the residual-last ones."
+    "fastai's `XResNet` where `norm` replaces every norm (stem, conv path and identity path), or only those ending a residual branch."
     @delegates(ResBlock)
     def __init__(self, block, expansion, layers, p=0.0, c_in=3, n_out=1000,
                  stem_szs:tuple=(32,32,64), # Widths of the three stem convs; the last one is the first block's input
@@ -71,14 +55,14 @@ class NormXResNet(fx.XResNet):
                  bnet_at:str='all', # 'all': `norm` everywhere; 'last': `norm` only at each residual branch's last norm, BN elsewhere
                  **kwargs):
         if norm is not None: check_norm(norm)
-        if bnet_at not in ('all', 'last'): raise ValueError(f"unknown bnet_at={bnet_at!r}; valid choices: 'all', 'last'")
+        check_placement(bnet_at)
         if len(stem_szs) != 3 or stem_szs[-1] % expansion:
             raise ValueError(f"stem_szs={stem_szs!r} must be 3 widths, the last a multiple of expansion={expansion}")
         self.stem_szs = tuple(stem_szs)
         super().__init__(block, expansion, layers, p=p, c_in=c_in, n_out=n_out, stem_szs=stem_szs, widen=widen, sa=sa,
                          act_cls=get_act(act_cls), ndim=ndim, ks=ks, stride=stride, **kwargs)
         self.norm, self.bnet_at = norm, bnet_at
-        if norm not in (None, 'bn'): set_norms(self, norm, at=bnet_at)
+        if norm not in (None, 'bn'): set_norms(self, norm, bnet_at=bnet_at)
 
     def _make_blocks(self, layers, block_szs, sa, stride, **kwargs):
         # fastai sizes the first block's input for a 64-wide stem; size it from the stem actually built.

@@ -11,26 +11,18 @@ from fastcore.meta import delegates
 from torch import nn
 from fastai.layers import ResBlock, SEBlock
 from timm.layers import SplitAttn
-from timm.models.resnet import ResNet, BasicBlock, Bottleneck
+from timm.models.resnet import ResNet, BasicBlock
 from timm.models.resnest import ResNestBottleneck
-from ..layers import BNET
-from ..norms import make_norm, check_norm
+from ..placement import branch_last_norms, check_placement
+from ..norms import check_norm
 from ..activations import get_act
-from .xresnet import NormXResNet, arch_registry, arch_builder
+from .xresnet import NormXResNet, set_norms, arch_registry, arch_builder
 
 # %% auto #0
 __all__ = ['mininet', 'xmininet', 'xsemininet', 'mininest_ba', 'mininest_bn', 'resnest50', 'zoo_registry', 'NormResNet',
            'SplitAttnBasicBlock']
 
 # %% ../../nbs/05_zoo.ipynb #5f8a93e5
-def _timm_norm(norm):
-    "`norm` as a timm `norm_layer`, which timm calls as `norm_layer(nf, device=..., dtype=...)`."
-    check_norm(norm)
-    def norm_layer(nf, device=None, dtype=None):
-        m = make_norm(norm, nf)
-        return m if device is None and dtype is None else m.to(device=device, dtype=dtype)
-    return norm_layer
-
 def _timm_act(act_cls):
     "`act_cls` as a timm `act_layer`: timm asks for `inplace=True`, which only some activations take."
     act = get_act(act_cls)
@@ -40,13 +32,8 @@ def _timm_act(act_cls):
     return act_layer
 
 # %% ../../nbs/05_zoo.ipynb #713c57fc
-def _branch_last_norm(block):
-    "Attribute name of the norm that ends `block`'s residual branch, or `None` if it ends without one."
-    name = 'bn3' if isinstance(block, (Bottleneck, ResNestBottleneck)) else 'bn2' if isinstance(block, BasicBlock) else None
-    return None if name is None or isinstance(getattr(block, name), nn.Identity) else name
-
 class NormResNet(ResNet):
-    "timm's `ResNet` with fastai's argument names, `norm` from `norm_registry` and `act_cls` by name."
+    "timm's `ResNet` with fastai's argument names, `norm` from `norm_registry` at `bnet_at`, and `act_cls` by name."
     @delegates(ResNet.__init__, but=['num_classes', 'in_chans', 'drop_rate', 'norm_layer', 'act_layer', 'zero_init_last'])
     def __init__(self,
                  block:type, # Residual block class, e.g. timm's `BasicBlock` or `ResNestBottleneck`
@@ -57,23 +44,19 @@ class NormResNet(ResNet):
                  act_cls:str|callable='relu', # A name from `act_registry`, or an activation class
                  p:float=0., # Dropout probability before the classifier
                  zero_init_residual:bool=False, # Start the last norm of each residual branch at zero
+                 bnet_at:str='all', # 'all': `norm` everywhere; 'last': `norm` only at each residual branch's last norm, BN elsewhere
                  **kwargs):
-        norm_layer, act_layer = _timm_norm(norm), _timm_act(act_cls)
+        check_norm(norm); check_placement(bnet_at)
+        act_layer = _timm_act(act_cls)
         super().__init__(block, layers, num_classes=n_out, in_chans=c_in, drop_rate=p,
-                         norm_layer=norm_layer, act_layer=act_layer, zero_init_last=False, **kwargs)
-        self.norm, self.act_cls = norm, get_act(act_cls)
+                         act_layer=act_layer, zero_init_last=zero_init_residual, **kwargs)
+        self.norm, self.bnet_at, self.act_cls = norm, bnet_at, get_act(act_cls)
+        # timm's `ResNestBottleneck` builds its `SplitAttn` without passing `act_layer` on.
         for m in self.modules():
-            if isinstance(m, BNET): m.reset_parameters()
-            # timm's `ResNestBottleneck` builds its `SplitAttn` without passing `act_layer` on.
             if isinstance(m, SplitAttn): m.act0, m.act1 = act_layer(inplace=True), act_layer(inplace=True)
-        if zero_init_residual: self._zero_branch_ends(norm)
-
-    def _zero_branch_ends(self, norm):
-        ends = [(b, n) for b in self.modules() if (n := _branch_last_norm(b)) is not None]
-        if not ends: raise ValueError("zero_init_residual=True, but no residual branch of this model ends in a norm")
-        for b, n in ends:
-            nf = getattr(b, 'conv3' if n == 'bn3' else 'conv2').out_channels
-            setattr(b, n, make_norm(norm, nf, zero=True))
+        if zero_init_residual and not branch_last_norms(self):
+            raise ValueError("zero_init_residual=True, but no residual branch of this model ends in a norm")
+        if norm != 'bn': set_norms(self, norm, bnet_at=bnet_at, zero_last=zero_init_residual)
 
 # %% ../../nbs/05_zoo.ipynb #7a3b4843
 mininet = arch_builder('mininet', NormResNet, BasicBlock, [1,1,1,1],
