@@ -10,6 +10,7 @@ __all__ = []
 # %% ../nbs/99_all.ipynb #2b1948f0
 import importlib
 from .layers import *
+from .placement import *
 from .norms import *
 from .activations import *
 from .models.xresnet import *
@@ -25,7 +26,7 @@ from .recipes import *
 from .precision import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches', 'recipes', 'precision']
+_public = ['layers', 'placement', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches', 'recipes', 'precision']
 # Names fastai also exports with another meaning: a star import after fastai's must not shadow them.
 # `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` or `opt_func='ranger'`.
 _unlike_fastai = {'ranger'}

@@ -10,12 +10,12 @@ import sys, warnings
 from collections import namedtuple
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from fastai.callback.training import bn_types # fastai's plain BatchNorms, for 1, 2 and 3 spatial dims
 
 # %% auto #0
-__all__ = ['bn_types', 'bn_base', 'placements', 'NormSite', 'bn_ndim', 'branch_last_norms', 'check_placement', 'bn_sites']
+__all__ = ['bn_base', 'placements', 'NormSite', 'bn_ndim', 'branch_last_norms', 'check_placement', 'bn_sites']
 
 # %% ../nbs/00b_placement.ipynb #e4f51b89
-bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) # The plain BatchNorms, for 1, 2 and 3 spatial dims
 bn_base = _BatchNorm # Base class of every BatchNorm: the plain ones, `SyncBatchNorm`, timm's `BatchNormAct2d`, ...
 
 def bn_ndim(bn:nn.Module, # A BatchNorm

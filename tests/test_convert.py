@@ -6,7 +6,8 @@ from copy import deepcopy
 from fastai.vision.all import vision_learner, resnet34, accuracy, CrossEntropyLossFlat
 from fastai.vision.models import xresnet as fx
 from bnet_fastai.layers import BNET
-from bnet_fastai.convert import convert_to_bnet, branch_last_norms
+from bnet_fastai.convert import convert_to_bnet
+from bnet_fastai.placement import branch_last_norms
 from _digits import digits_dls
 
 def randomise_norms(model, x, seed=0):
@@ -60,7 +61,7 @@ def test_convert_keeps_function(name, at):
     x = torch.randn(8, 3, 48, 48)
     orig = randomise_norms(make(), x)
     nbn = n_bn(orig)
-    new, rep = convert_to_bnet(orig, at=at)
+    new, rep = convert_to_bnet(orig, bnet_at=at)
     n_last = len(branch_last_norms(orig))
     bnets = [m for m in new.modules() if isinstance(m, BNET)]
     assert len(bnets) == rep.n_converted == (nbn if at == 'all' else n_last)

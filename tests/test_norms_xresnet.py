@@ -7,6 +7,7 @@ import bnet_fastai  # applies the fastai patches
 from bnet_fastai.layers import BNET
 from bnet_fastai.norms import make_norm, norm_registry
 from bnet_fastai.models import xresnet as bx
+from bnet_fastai.placement import branch_last_norms
 
 FastaiXResNet = fx.XResNet
 n_params = lambda m: sum(p.numel() for p in m.parameters())
@@ -44,14 +45,14 @@ def test_bnet_at_last_is_authors_placement():
     m = bx.xresnet50(norm='bnet', bnet_at='last')
     bnets = [o for o in m.modules() if isinstance(o, BNET)]
     assert len(bnets) == 16
-    assert all(isinstance(b, BNET) for b in bx.residual_last_norms(m))
+    assert all(isinstance(b, BNET) for b in branch_last_norms(m))
     # stem and identity path keep BN
     assert isinstance(m[0][1], nn.BatchNorm2d)
 
 def _check_zero_init(m, x):
     outs = []
     hooks = [n.register_forward_hook(lambda mod, i, o: outs.append(o.detach().abs().max().item()))
-             for n in bx.residual_last_norms(m)]
+             for n in branch_last_norms(m)]
     y = m(x)
     for h in hooks: h.remove()
     assert outs and max(outs) == 0
@@ -80,7 +81,7 @@ def test_builder_norm_matrix(name):
             grads = [p.grad for p in m.parameters() if p.requires_grad]
             assert all(g is not None and torch.isfinite(g).all() for g in grads)
             n_bnet = sum(isinstance(o, BNET) for o in m.modules())
-            n_last = len(bx.residual_last_norms(m))
+            n_last = len(branch_last_norms(m))
             if norm == 'bn': assert n_bnet == 0
             elif at == 'last': assert n_bnet == n_last
             else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())

@@ -7,7 +7,7 @@ from bnet_fastai.layers import BNET
 from bnet_fastai.activations import Mila, Swish, BentID
 from bnet_fastai.models import xresnet as bx
 from bnet_fastai.models.zoo import zoo_registry as zoo, mininet, xsemininet, mininest_ba, mininest_bn
-from bnet_fastai.models.zoo import NormResNet, _branch_last_norm
+from bnet_fastai.placement import branch_last_norms
 
 NORMS = ['bn', 'bnet', 'bnet5']
 ACTS = {'relu': nn.ReLU, 'mish': nn.Mish, 'swish': Swish, 'mila': Mila, 'bent_id': BentID}
@@ -94,7 +94,7 @@ def test_xmininet_is_fastai(xb):
     with torch.no_grad(): torch.testing.assert_close(m(xb), ref(xb), atol=0, rtol=0)
 
 def _branch_outputs(m, x):
-    ends = [getattr(b, n) for b in m.modules() if (n := _branch_last_norm(b)) is not None]
+    ends = branch_last_norms(m)
     outs = []
     hooks = [e.register_forward_hook(lambda mod, i, o: outs.append(o.detach().abs().max().item())) for e in ends]
     m(x)
@@ -169,3 +169,19 @@ def test_learner_trains_xsemininet():
     losses = [l.item() for l in learn.recorder.losses]
     assert len(losses) == 8
     assert after < before and losses[-1] < losses[0], (before, after, losses)
+
+@pytest.mark.parametrize('build', [mininet, mininest_bn])
+def test_bnet_at_last(build):
+    "bnet_at='last' puts BNET exactly where timm's own `zero_init_last` zeroes γ, and BatchNorm everywhere else."
+    ref = build(n_out=10, zero_init_residual=True)
+    zeroed = [n for n, b in ref.named_modules() if isinstance(b, nn.BatchNorm2d) and not b.weight.any()]
+    m = build(n_out=10, norm='bnet', bnet_at='last')
+    assert len(zeroed) == 4 and [n for n, b in m.named_modules() if isinstance(b, BNET)] == zeroed
+    assert m.bnet_at == 'last' and sum(isinstance(b, nn.BatchNorm2d) and b.affine for b in m.modules()) == n_bns_of(ref) - 4
+
+def n_bns_of(m): return sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())
+
+def test_bnet_at_last_needs_a_branch_end():
+    with pytest.raises(ValueError, match="bnet_at='last' found no residual branch ending in a norm.*use bnet_at='all'"):
+        mininest_ba(norm='bnet', bnet_at='last')
+    with pytest.raises(ValueError, match="unknown bnet_at='first'; valid choices: 'all', 'last'"): mininet(bnet_at='first')
