@@ -10,6 +10,7 @@ import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from torch import nn
+from fastai.callback.hook import total_params
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from .layers import BNET, _check_ks
 from .placement import bn_base, bn_sites, check_placement, _renamed_at
@@ -37,8 +38,6 @@ def _to_bnet(m, ks, ndim):
     b = BNET.from_bn(m, ks=ks, ndim=ndim)
     if type(m).forward not in _norm_act_forwards: return b
     return nn.Sequential(b, getattr(m, 'drop', nn.Identity()), getattr(m, 'act', nn.Identity())).train(m.training)
-
-def _n_params(m): return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/10_convert.ipynb #b8f6f0fe
 @dataclass
@@ -80,7 +79,7 @@ def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, Sync
     bnet_at = check_placement(_renamed_at(bnet_at, at, 'convert_to_bnet'))
     if not inplace: model = deepcopy(model)
     sites = bn_sites(model, bnet_at)
-    rep = ConvertReport(ks, bnet_at, params_before=_n_params(model))
+    rep = ConvertReport(ks, bnet_at, params_before=total_params(model)[0])
     # Build every new layer before touching the model, so a bad layer leaves it unchanged.
     new, todo = {}, []
     for s in sites:
@@ -89,7 +88,7 @@ def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, Sync
         if id(s.bn) not in new: new[id(s.bn)] = _to_bnet(s.bn, ks, ndim); rep.converted.append(s.name)
         todo.append((s.parent, s.attr, new[id(s.bn)]))
     for parent, attr, b in todo: setattr(parent, attr, b)
-    rep.params_after = _n_params(model)
+    rep.params_after = total_params(model)[0]
     if not rep.converted:
         why = '; '.join(f'{n}: {w}' for n, w in rep.left[:3]) + (f'; and {len(rep.left)-3} more' if len(rep.left) > 3 else '')
         warnings.warn(f"convert_to_bnet converted nothing: {why or 'no BatchNorm found outside existing BNETs'}")

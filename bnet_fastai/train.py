@@ -25,6 +25,7 @@ from fastai.metrics import accuracy, top_k_accuracy
 from .data import digits_dls, imagenette_dls, image_folder_dls, IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
 from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
+from .placement import check_placement
 from .optimizers import opt_registry, get_opt, HessianBackward
 from .activations import act_registry, get_act
 from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
@@ -62,7 +63,7 @@ def train_config(dataset='imagenette', arch=None, norm='bn,bnet', bnet_at='all',
     norms = _split(norm)
     if not norms: raise ValueError(f"no norm given; valid norms: {', '.join(norm_registry)}")
     for n in norms: check_norm(n)
-    _check_choice('bnet_at', bnet_at, ('all', 'last'))
+    check_placement(bnet_at)
     get_act(act); get_opt(opt)
     _check_choice('sched', sched, SCHEDS)
     try: seeds = [int(s) for s in _split(seeds)]

@@ -131,7 +131,7 @@ BAD = [
     (dict(act='tanhx'), r"unknown activation 'tanhx'; valid names: relu"),
     (dict(dataset='mnist'), r"unknown dataset 'mnist'; valid datasets: imagenette, imagewoof, digits, or an existing folder"),
     (dict(sched='step'), r"unknown sched 'step'; valid scheds: one_cycle, flat_cos"),
-    (dict(bnet_at='first'), r"unknown bnet_at 'first'; valid bnet_ats: all, last"),
+    (dict(bnet_at='first'), r"unknown bnet_at='first'; valid choices: 'all', 'last'"),
     (dict(seeds='0,one'), r"seeds must be integers"),
 ]
 
