@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
+"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, `Learner.create_opt` gives AdaHessian the backward it needs, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
