@@ -6,14 +6,14 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/train.html.md"""
 
 # %% ../nbs/08_train.ipynb #8ab845d0
 from __future__ import annotations
-import json, os, random, sys, time, warnings
+import json, os, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import AttrDict
 from fastcore.imports import in_notebook
 from typing import Annotated
 from fastcore.script import call_parse, bool_arg
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, get_random_states, set_random_states
 from fastai.learner import Learner, SkipToEpoch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
@@ -99,20 +99,21 @@ def get_dls(cfg:AttrDict, # From `train_config`
 
 # %% ../nbs/08_train.ipynb #59a2a576
 def _rng_states(dls) -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                loaders=[dl.rng.getstate() for dl in dls.loaders])
+    "fastai's `get_random_states`, plus each data loader's own generator (its shuffling on resume)."
+    return dict(get_random_states(), loaders=[dl.rng.getstate() for dl in dls.loaders])
 
 def _set_rng_states(dls, s:dict):
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    if s['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-    for dl, st in zip(dls.loaders, s['loaders']): dl.rng.setstate(st)
+    s = dict(s)
+    for dl, st in zip(dls.loaders, s.pop('loaders')): dl.rng.setstate(st)
+    set_random_states(**s)
 
 def _atomic_write(path:Path, write):
     "Write through a temporary file and rename it, so a kill never leaves a half-written file."
     tmp = path.with_name(path.name + '.tmp')
     write(tmp); os.replace(tmp, path)
 
+# Not fastai's `SaveModelCallback(every_epoch=True, with_opt=True)`: resuming exactly also needs the RNG states, the
+# recorder's values and smooth loss, and a write that a kill cannot leave half-done.
 class EpochCheckpoint(Callback):
     "Save model, optimizer, RNG states, history and epoch times after each epoch; on resume, restore them."
     order = CSVLogger.order + 5 # after the epoch's row is logged
@@ -142,6 +143,7 @@ class EpochCheckpoint(Callback):
         if is_rank0(): _atomic_write(self.fname, lambda f: torch.save(ckpt, f))
 
 # %% ../nbs/08_train.ipynb #f1d516e4
+# Not `CSVLogger(append=True)`: that writes a second header, and keeps rows of an epoch the checkpoint did not reach.
 class RunLogger(CSVLogger):
     "fastai's `CSVLogger`, continuing the history of a run resumed after `start` finished epochs."
     def __init__(self, fname='history.csv', start:int=0):

@@ -107,7 +107,7 @@ def test_leaderboard_recipe_cli_on_fake_imagenette(nette_home, use_home, tmp_pat
     assert (cfg['recipe'], cfg['bs'], cfg['overrides'], cfg['mixup']) == ('leaderboard', 8, {'bs': 8}, 0.)
     assert any('validation' in n for n in cfg['recipe_notes'])
     # the trained weights are those of the recipe's model, self-attention included
-    sd = torch.load(out/'bnet_s0'/'checkpoint.pth', weights_only=False)['model']
+    sd = torch.load(out/'bnet_s0'/'model.pth')
     build = lambda sa: arch_registry['xse_resnext50'](n_out=10, norm='bnet', act_cls='mish', pool=MaxPool, sa=sa)
     build(True).load_state_dict(sd)
     with pytest.raises(RuntimeError, match='Unexpected key'): build(False).load_state_dict(sd)
