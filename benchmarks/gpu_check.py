@@ -18,7 +18,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from bnet_fastai.models.xresnet import xresnet18
 from bnet_fastai.layers import BNET
-from bnet_fastai.optimizers import opt_registry, lookahead, HessianBackward
+from bnet_fastai.optimizers import opt_registry, lookahead
 from bnet_fastai.deploy import fuse_bnet, export_onnx
 
 def report(name, fn):
@@ -53,7 +53,7 @@ def opt_steps(name, opt_func):
     g = torch.Generator().manual_seed(0)
     ds = list(zip(torch.randn(80, 3, 32, 32, generator=g), torch.randint(0, 10, (80,), generator=g)))
     dls = DataLoaders(DataLoader(ds, bs=8), DataLoader(ds[:8], bs=8), device='cuda')
-    learn = Learner(dls, xresnet18(n_out=10, norm='bnet'), loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, cbs=HessianBackward())
+    learn = Learner(dls, xresnet18(n_out=10, norm='bnet'), loss_func=nn.CrossEntropyLoss(), opt_func=opt_func) # adahessian's Learner adds HessianBackward itself
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3) # create_opt on the CPU model, then fastai moves it
     assert learn.train_iter == 10 and all(p.is_cuda and torch.isfinite(p).all() for p in learn.model.parameters())
 

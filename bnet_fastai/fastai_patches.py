@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
+"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, `Learner.create_opt` gives AdaHessian the backward it needs, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -14,8 +14,8 @@ from fastai.vision.models import xresnet as fx
 from .layers import BNET
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'dl_broadcast', 'dl_rng', 'xsenet154_broken', 'fastai_xsenet154',
-           'broadcast_needs_cpu_fix', 'patch_distributed', 'when_imported', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'dl_broadcast', 'dl_rng', 'xsenet154_broken',
+           'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed', 'when_imported', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval=True)->None:
@@ -52,6 +52,17 @@ def enable_cpu_amp(enable:bool=True, # `False` restores fastai's own `MixedPreci
     from fastai.callback.fp16 import MixedPrecision
     _originals.setdefault('MixedPrecision.before_fit', MixedPrecision.before_fit)
     MixedPrecision.before_fit = mp_before_fit if enable else _originals['MixedPrecision.before_fit']
+
+# %% ../nbs/03_fastai_patches.ipynb #b8d4f2a1
+def learner_create_opt(self):
+    "fastai's `Learner.create_opt`, then a `HessianBackward` callback if the new optimizer needs the gradients' graph and the `Learner` has none."
+    _originals['Learner.create_opt'](self)
+    # Only pytorch_optimizer's AdaHessian needs the graph; until that library is imported no optimizer can, and nothing more is imported.
+    if 'pytorch_optimizer' not in sys.modules: return
+    from bnet_fastai.optimizers import needs_create_graph, HessianBackward
+    # One is enough, and fastai names a callback's attribute after its class (`learn.hessian_backward`): a second would replace it.
+    if needs_create_graph(self.opt) and not any(isinstance(cb, HessianBackward) or cb.name == 'hessian_backward' for cb in self.cbs):
+        self.add_cb(HessianBackward())
 
 # %% ../nbs/03_fastai_patches.ipynb #9adeabbd
 def dl_broadcast(self, t:list, rank:int) -> list:
@@ -118,10 +129,15 @@ def _patch_training(tr):
     _originals.setdefault('set_bn_eval', tr.set_bn_eval)
     tr.set_bn_eval = set_bn_eval
 
+def _patch_learner(lm):
+    _originals.setdefault('Learner.create_opt', lm.Learner.create_opt)
+    lm.Learner.create_opt = learner_create_opt
+
 def apply_patches():
     "Install every patch in the table above, each only where fastai needs it. Safe to call again."
     _add_norm_types(BNET, nn.SyncBatchNorm)
     when_imported('fastai.callback.training', _patch_training)
+    when_imported('fastai.learner', _patch_learner)
     if xsenet154_broken(_originals.setdefault('xsenet154', fx.xsenet154)): fx.xsenet154 = fastai_xsenet154
     when_imported('fastai.distributed', patch_distributed)
     when_imported('bnet_fastai.distributed', lambda m: _add_norm_types(*m.sync_bn_types))

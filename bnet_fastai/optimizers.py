@@ -77,8 +77,8 @@ class RangerLars(po.Lookahead):
     def __str__(self): return 'RangerLars'
 
 # %% ../nbs/06_optimizers.ipynb #4eda2a2d
-_no_graph_msg = ("AdaHessian needs the gradients' graph: call `loss.backward(create_graph=True)`. "
-                 "With a fastai `Learner`, pass `cbs=HessianBackward()` with `opt_func=adahessian`, which makes the `Learner` do that.")
+_no_graph_msg = ("AdaHessian needs the gradients' graph: call `loss.backward(create_graph=True)` before `step()`. "
+                 "A fastai `Learner` does that through `HessianBackward`, which it adds when it builds this optimizer.")
 
 class AdaHessian(_DeviceForeach, po.AdaHessian):
     "Adam-like steps preconditioned by a Hutchinson estimate of the Hessian diagonal; needs `loss.backward(create_graph=True)`."
@@ -239,7 +239,7 @@ def ranger_lars(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:fl
 def adahessian(params, lr:float=0.15, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-4,
                hessian_power:float=1., # Exponent of the Hessian diagonal in the denominator
                **kwargs) -> GroupOptimWrapper:
-    "fastai opt_func for `AdaHessian`; the `Learner` needs `cbs=HessianBackward()`"
+    "fastai opt_func for `AdaHessian`; the `Learner` adds `HessianBackward` for it"
     return GroupOptimWrapper(params, AdaHessian, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, hessian_power=hessian_power, **kwargs)
 
 class _AdaMod(_DeviceForeach, po.AdaMod): pass

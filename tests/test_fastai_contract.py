@@ -146,6 +146,7 @@ BEHAVIOUR = textwrap.dedent('''
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
         preds, _ = learn.get_preds()
     out['to_fp16'] = [str(preds.dtype), preds.sum().item()]
+    out['learner_cbs'] = [type(c).__name__ for c in learn.cbs] # after `fit` ran `create_opt` with fastai's default optimizer
     out['callbacks_end'] = [c.__name__ for c in defaults.callbacks]
     print(json.dumps(out))
 ''')

@@ -1,5 +1,5 @@
 "Acceptance tests for `bnet_fastai.optimizers`: the wrapping keeps pytorch_optimizer's maths, fastai schedules it, weight decay skips norms and biases."
-import math, copy, re, pytest, torch
+import math, copy, re, warnings, pytest, torch
 from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +78,7 @@ def test_equivalence_with_pytorch_optimizer(name):
     xs, ys = tiny_batches(n)
     torch.manual_seed(0); net = tiny_net(); ref = copy.deepcopy(net); init = copy.deepcopy(net.state_dict())
 
-    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, cbs=[SeedBeforeStep(), HessianBackward()])
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, cbs=SeedBeforeStep())
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr_max)
 
     # By hand: decayed and undecayed groups in model order, fastai's schedule written out above.
@@ -118,7 +118,7 @@ def test_one_cycle_schedules_lr_and_mom(name):
     n = 10
     xs, ys = tiny_batches(n)
     rec = RecordPG()
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=[rec, HessianBackward()])
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), cbs=rec)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
     assert len(rec.seen_lrs) == n
     for i, (lrs, moms) in enumerate(zip(rec.seen_lrs, rec.seen_moms)):
@@ -149,7 +149,7 @@ def test_weight_decay_groups(name, wd_bn_bias):
     xs, ys = tiny_batches(2)
     opt_func = lookahead('ralamb') if name.startswith('lookahead') else get_opt(name)
     net = tiny_net()
-    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, wd_bn_bias=wd_bn_bias, cbs=HessianBackward())
+    learn = Learner(tiny_dls(xs, ys), net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=WD, wd_bn_bias=wd_bn_bias)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     names = {id(p): k for k, p in net.named_parameters()}
     wd_of = {names[id(p)]: g['weight_decay'] for g in learn.opt.opt.param_groups for p in g['params']}
@@ -188,7 +188,7 @@ def test_fine_tune(name):
     split = lambda m: [list(m[:4].parameters()), list(m[4:].parameters())]
     snaps = BodySnapshots()
     learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=get_opt(name), splitter=split,
-                    cbs=[snaps, HessianBackward()])
+                    cbs=snaps)
     head0 = learn.model[9].weight.detach().clone()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1)
     (f0, f1), (u0, u1) = snaps.snaps[:2], snaps.snaps[2:]
@@ -200,7 +200,7 @@ def test_fine_tune(name):
 
 def test_adahessian_bf16_and_fp16():
     xs, ys = tiny_batches(2)
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian, cbs=HessianBackward()).to_bf16()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian).to_bf16()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
     learn.to_fp32().to_fp16()
@@ -218,11 +218,76 @@ def test_adahessian_double_backward_under_bf16_autocast():
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
 
-def test_adahessian_without_callback_says_what_to_add():
+def test_hand_built_adahessian_says_what_to_do():
+    "Outside a Learner, a step after a plain backward raises one line naming the fix."
     xs, ys = tiny_batches(1)
-    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian)
-    with pytest.raises(RuntimeError, match=r'cbs=HessianBackward\(\)'):
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    net = tiny_net(); opt = adahessian(net.parameters())
+    F.cross_entropy(net(xs), ys).backward()
+    with pytest.raises(RuntimeError, match=r'create_graph=True') as e: opt.step()
+    assert '\n' not in str(e.value)
+
+def n_hessian_cbs(learn): return sum(isinstance(cb, HessianBackward) for cb in learn.cbs)
+
+def hessian_estimated(learn):
+    "AdaHessian's Hessian-diagonal state is non-zero only if the backward kept the gradients' graph."
+    hs = [s['exp_hessian_diag_sq'] for s in learn.opt.opt.state.values() if 'exp_hessian_diag_sq' in s]
+    return bool(hs) and any(h.abs().sum() > 0 for h in hs)
+
+def _ckpt(learn):
+    "A checkpoint with AdaHessian state, written by another Learner, loaded with its optimizer."
+    other = Learner(learn.dls, tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian, splitter=learn.splitter, path=learn.path)
+    with other.no_bar(), other.no_logging(): other.fit(1, 1e-2)
+    other.save('ckpt', with_opt=True)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn.load('ckpt', with_opt=True)
+    assert not [w for w in ws if 'optimizer state' in str(w.message)] # fastai only warns when the state does not fit
+    assert hessian_estimated(learn)
+
+ENTRIES = {'fit': lambda l: l.fit(1, 1e-2), 'fit_one_cycle': lambda l: l.fit_one_cycle(1, 1e-2),
+           'fit_flat_cos': lambda l: l.fit_flat_cos(1, 1e-2), 'fine_tune': lambda l: l.fine_tune(1, 1e-2, freeze_epochs=1),
+           'lr_find': lambda l: l.lr_find(num_it=4, show_plot=False), 'freeze': lambda l: l.freeze(), 'load': _ckpt}
+
+@pytest.mark.parametrize('entry', list(ENTRIES))
+def test_adahessian_learner_adds_its_callback(entry, tmp_path):
+    "Every fastai path that builds the optimizer gives `opt_func=adahessian` one `HessianBackward`, and training then estimates the Hessian."
+    xs, ys = tiny_batches(4)
+    split = lambda m: [list(m[:4].parameters()), list(m[4:].parameters())]
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian, splitter=split, path=tmp_path)
+    assert n_hessian_cbs(learn) == 0
+    with learn.no_bar(), learn.no_logging():
+        ENTRIES[entry](learn)
+        assert n_hessian_cbs(learn) == 1
+        learn.unfreeze(); learn.fit(1, 1e-2, reset_opt=True)
+    assert n_hessian_cbs(learn) == 1 and hessian_estimated(learn)
+
+def test_user_hessian_backward_is_the_one_used():
+    "A `HessianBackward` passed in `cbs` is not duplicated; taking it away brings back the one-line error."
+    xs, ys = tiny_batches(2)
+    hb = HessianBackward()
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian, cbs=hb)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-2); learn.fit(1, 1e-2, reset_opt=True)
+        assert [cb for cb in learn.cbs if isinstance(cb, HessianBackward)] == [hb] and hessian_estimated(learn)
+        learn.remove_cb(hb)
+        with pytest.raises(RuntimeError, match=r'create_graph=True'): learn.fit(1, 1e-2)
+
+@pytest.mark.parametrize('opt_func', ['fastai.Adam', 'ranger', 'lookahead(diffgrad)'])
+def test_other_optimizers_get_no_callback(opt_func):
+    "fastai's own optimizers and ours that need no graph: `create_opt` leaves the callbacks as fastai set them."
+    import fastai.optimizer as fo
+    of = fo.Adam if opt_func == 'fastai.Adam' else lookahead('diffgrad') if opt_func.startswith('lookahead') else get_opt(opt_func)
+    xs, ys = tiny_batches(2)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=of)
+    before = [type(cb) for cb in learn.cbs] # `no_bar` puts back a new ProgressCallback, so compare types
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert [type(cb) for cb in learn.cbs] == before
+
+def test_lookahead_adahessian_gets_its_callback():
+    xs, ys = tiny_batches(2)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=lookahead('adahessian', k=2))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert n_hessian_cbs(learn) == 1
 
 def test_no_stack_inspection():
     "The opt_funcs find no Learner by looking up the call stack."
@@ -253,7 +318,8 @@ CONVERGE = {'ranger': 1e-2, 'ralamb': 1e-2, 'ranger_lars': 1e-2, 'adahessian': 0
 def test_digits_convergence(name):
     torch.manual_seed(0)
     learn = Learner(digits_dls(), xresnet18(n_out=10, norm='bnet'), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
-                    opt_func=get_opt(name), cbs=HessianBackward()) # the callback does nothing for the others
+                    opt_func=get_opt(name)) # no cbs: adahessian's Learner adds HessianBackward itself
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, CONVERGE[name])
     acc = learn.validate()[1]
+    print(f'{name}: validation accuracy {acc:.4f} after 3 epochs') # shown with `pytest -rP`
     assert acc >= 0.9, f'{name}: {acc:.3f}'
