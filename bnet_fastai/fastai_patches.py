@@ -12,6 +12,7 @@ from torch import nn
 import fastai.torch_core
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
+from .placement import batchnorm_types
 
 # %% auto #0
 __all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'dl_broadcast', 'dl_rng', 'xsenet154_broken',
@@ -21,7 +22,7 @@ __all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt
 def set_bn_eval(m:nn.Module, use_eval=True)->None:
     "Set bn layers in eval mode for all recursive children of `m`; fastai's, with a BNET treated as one norm."
     for l in m.children():
-        if isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BNET)):  # fastai's `bn_types`, and BNET
+        if isinstance(l, batchnorm_types + (BNET,)):  # fastai's `bn_types`, and BNET
             p = next(l.parameters(), None)  # a BNET's inner BatchNorm has no parameters of its own
             if p is not None and not p.requires_grad:
                 if use_eval: l.eval()

@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 from contextlib import contextmanager
 from fastcore.basics import store_attr, defaults
-from .placement import bn_types, bn_ndim
+from .placement import batchnorm_types, bn_ndim
 
 # %% auto #0
 __all__ = ['lean_bnets', 'BNET']
@@ -83,7 +83,7 @@ class _LeanBNETFn(torch.autograd.Function):
 def _lean_applies(m, x) -> bool:
     "Whether BNET `m` can take the lean path for `x`; otherwise it runs plain `bn` then `conv`."
     bn, conv = m.bn, m.conv
-    if type(bn) not in bn_types: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
+    if type(bn) not in batchnorm_types: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
     if not (bn.training or (bn.running_mean is None and bn.running_var is None)): return False # eval: nothing to save
     if not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad or
                                             (conv.bias is not None and conv.bias.requires_grad)): return False

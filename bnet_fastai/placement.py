@@ -10,19 +10,20 @@ import sys, warnings
 from collections import namedtuple
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from fastai.callback.training import bn_types # fastai's plain BatchNorms, for 1, 2 and 3 spatial dims
+
 
 # %% auto #0
-__all__ = ['bn_base', 'placements', 'NormSite', 'bn_ndim', 'branch_last_norms', 'check_placement', 'bn_sites']
+__all__ = ['batchnorm_types', 'bn_base', 'placements', 'NormSite', 'bn_ndim', 'branch_last_norms', 'check_placement', 'bn_sites']
 
 # %% ../nbs/00b_placement.ipynb #e4f51b89
+batchnorm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) # The plain BatchNorms, for 1, 2 and 3 spatial dims
 bn_base = _BatchNorm # Base class of every BatchNorm: the plain ones, `SyncBatchNorm`, timm's `BatchNormAct2d`, ...
 
 def bn_ndim(bn:nn.Module, # A BatchNorm
             ndim:int|None=None, # Spatial dims for a BatchNorm whose class does not fix them, e.g. `SyncBatchNorm`
            ) -> int:
     "Spatial dims of `bn`, from its class or (for `SyncBatchNorm`, which has none) from `ndim`."
-    for n, cls in enumerate(bn_types, 1):
+    for n, cls in enumerate(batchnorm_types, 1):
         if isinstance(bn, cls): return n
     if not isinstance(bn, bn_base): raise ValueError(f"expected a BatchNorm1d/2d/3d or SyncBatchNorm, got {type(bn).__name__}")
     if ndim is None: raise ValueError(f"{type(bn).__name__} does not say its number of spatial dims; pass ndim=1, 2 or 3")
@@ -81,7 +82,7 @@ NormSite.__doc__ = "Where a BatchNorm sits: `getattr(parent, attr)` is `bn`, nam
 
 def bn_sites(model:nn.Module, # Any model
              bnet_at:str='all', # 'all': every BatchNorm; 'last': only the norm ending each residual branch
-             types:type|tuple=bn_base, # The BatchNorm classes to list, e.g. `bn_types` for the plain ones
+             types:type|tuple=bn_base, # The BatchNorm classes to list, e.g. `batchnorm_types` for the plain ones
             ) -> list: # A `NormSite` for each selected BatchNorm, in `named_modules` order
     "The BatchNorms of `model` that `bnet_at` puts BNET at, and where each one sits."
     check_placement(bnet_at)

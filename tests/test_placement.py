@@ -4,14 +4,14 @@ from torch import nn
 from fastai.vision.models import xresnet as fx
 import bnet_fastai  # applies the fastai patches
 from bnet_fastai.layers import BNET
-from bnet_fastai.placement import branch_last_norms, bn_sites, check_placement, placements, bn_types
+from bnet_fastai.placement import branch_last_norms, bn_sites, check_placement, placements, batchnorm_types
 from bnet_fastai.models.xresnet import set_norms, xresnet18
 from bnet_fastai.models.zoo import mininet
 from bnet_fastai.convert import convert_to_bnet
 
 def zero_init_bns(model):
     "Names of the BatchNorms whose γ is all zero: where the model's own library starts each residual branch at zero."
-    return [n for n, m in model.named_modules() if isinstance(m, bn_types) and m.affine and not m.weight.any()]
+    return [n for n, m in model.named_modules() if isinstance(m, batchnorm_types) and m.affine and not m.weight.any()]
 
 def names_of(model, objs):
     ids = {id(o) for o in objs}
@@ -37,10 +37,10 @@ def test_branch_ends_are_the_zero_initialised_norms(name):
 @pytest.mark.parametrize('name', ['fastai_xse_resnext18', 'torchvision_resnet18', 'timm_resnest14d'])
 def test_bnet_at_last_replaces_exactly_the_branch_ends(name):
     m = MODELS[name][0]()
-    want, n_bn = zero_init_bns(m), sum(isinstance(o, bn_types) for o in m.modules())
+    want, n_bn = zero_init_bns(m), sum(isinstance(o, batchnorm_types) for o in m.modules())
     set_norms(m, 'bnet', bnet_at='last')
     assert [n for n, o in m.named_modules() if isinstance(o, BNET)] == want
-    assert sum(isinstance(o, bn_types) and not isinstance(p, BNET) for p in m.modules() for o in p.children()) == n_bn - len(want)
+    assert sum(isinstance(o, batchnorm_types) and not isinstance(p, BNET) for p in m.modules() for o in p.children()) == n_bn - len(want)
     assert all(o.zero for o in m.modules() if isinstance(o, BNET))
     new, rep = convert_to_bnet(MODELS[name][0](), bnet_at='last')
     assert rep.converted == want and rep.bnet_at == 'last'

@@ -13,7 +13,7 @@ from torch import nn
 from fastai.layers import ResBlock, SEBlock, SEResNeXtBlock, defaults
 from fastai.vision.models import xresnet as fx
 from fastai.vision.learner import model_meta
-from ..placement import bn_types, bn_ndim, bn_sites, check_placement, _renamed_at
+from ..placement import batchnorm_types, bn_ndim, bn_sites, check_placement, _renamed_at
 from ..norms import make_norm, check_norm
 from ..activations import get_act
 
@@ -35,7 +35,7 @@ def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai, t
              ) -> nn.Module:
     "Replace `model`'s plain BatchNorms with fresh `norm` layers; those ending a residual branch start at zero."
     check_norm(norm)
-    for s in bn_sites(model, _renamed_at(bnet_at, at, 'set_norms'), types=bn_types):
+    for s in bn_sites(model, _renamed_at(bnet_at, at, 'set_norms'), types=batchnorm_types):
         new = make_norm(norm, s.bn.num_features, ndim=bn_ndim(s.bn), zero=zero_last and s.branch_end)
         # keep the replaced norm's device and dtype (a CUDA or half-precision model stays so)
         t = next(iter([*s.bn.parameters(), *(b for b in s.bn.buffers() if b.is_floating_point())]), None)
