@@ -131,12 +131,15 @@ def test_tf32_rule(monkeypatch):
     "TF32 runs on CUDA devices of compute capability 8+ while any of torch's three switches allows it, and never on the CPU."
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (9, 0))
     cuda = torch.device('cuda')
-    for cudnn, matmul, prec, want in [(True, False, 'highest', True), (False, True, 'highest', True),
-                                      (False, False, 'high', True), (False, False, 'highest', False)]:
-        monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', cudnn)
-        monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', matmul)
-        monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda p=prec: p)
-        assert bd._tf32(cuda) == want and not bd._tf32(torch.device('cpu'))
+    # Set and restored by hand: torch's switches are properties of module objects, which pytest 9's monkeypatch cannot undo.
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for cudnn, matmul, prec, want in [(True, False, 'highest', True), (False, True, 'highest', True),
+                                          (False, False, 'high', True), (False, False, 'highest', False)]:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+            monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda p=prec: p)
+            assert bd._tf32(cuda) == want and not bd._tf32(torch.device('cpu'))
+    finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (7, 0)) # V100: the switches do nothing
     assert not bd._tf32(cuda)
 
