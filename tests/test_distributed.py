@@ -11,6 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CMD = ['-m', 'bnet_fastai.train', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--epochs', '1']
 pytestmark = pytest.mark.slow
 
+@pytest.fixture(scope='module', autouse=True)
+def _launch_tmp(tmp_path_factory):
+    "torchrun makes a `torchelastic_*` folder in the temp dir for each launch: keep them inside pytest's own temp dir."
+    old = os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = str(tmp_path_factory.mktemp('torchrun'))
+    yield
+    if old is None: os.environ.pop('TMPDIR', None)
+    else: os.environ['TMPDIR'] = old
+
 def _env(stats_dir=None) -> dict:
     env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     if stats_dir: env[NORM_STATS_ENV] = str(stats_dir)
