@@ -21,9 +21,9 @@ import fastai.distributed # adds `Learner.distrib_ctx`
 from .placement import bn_base
 
 # %% auto #0
-__all__ = ['barrier', 'sync_bn_types', 'NORM_STATS_ENV', 'distrib_env', 'is_rank0', 'init_distributed', 'gather_objects',
-           'rank_item', 'CPUSyncBatchNorm', 'to_sync_bn', 'launch_cmd', 'GatheredAvgMetric', 'GatheredAvgLoss',
-           'gathered_metrics', 'distrib_run', 'unwrap', 'NormStatsDump', 'norm_stats_cbs']
+__all__ = ['barrier', 'sync_bn_types', 'distrib_env', 'is_rank0', 'init_distributed', 'gather_objects', 'rank_item',
+           'CPUSyncBatchNorm', 'to_sync_bn', 'launch_cmd', 'GatheredAvgMetric', 'GatheredAvgLoss', 'gathered_metrics',
+           'distrib_run', 'unwrap']
 
 # %% ../nbs/09_distributed.ipynb #ea4f2663
 def distrib_env() -> AttrDict|None:
@@ -180,26 +180,3 @@ def unwrap(model:nn.Module) -> nn.Module:
     "The model inside DDP's (or `torch.compile`'s) wrapper, whose state dict loads in any number of processes."
     from accelerate.utils import extract_model_from_parallel # imported only by runs that save a model
     return extract_model_from_parallel(model)
-
-# %% ../nbs/09_distributed.ipynb #876c8567
-NORM_STATS_ENV = 'BNET_NORM_STATS_DIR'
-
-class NormStatsDump(Callback):
-    "After each epoch's training, save this rank's norm running statistics and norm classes to `folder/<run>_rank<r>.pt`."
-    order = 100
-    def __init__(self, folder:Path, # Where every rank writes its file
-                 run:str, # Names the run in the file name
-                ): self.folder, self.run = Path(folder), run
-    def after_train(self):
-        m = unwrap(self.learn.model)
-        norms = {n: o for n, o in m.named_modules() if isinstance(o, bn_base)}
-        stats = {f'{n}.{b}': getattr(o, b).detach().cpu().clone() for n, o in norms.items()
-                 for b in ('running_mean', 'running_var', 'num_batches_tracked')}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(stats=stats, types={n: type(o).__name__ for n, o in norms.items()}),
-                   self.folder/f'{self.run}_rank{rank_distrib()}.pt')
-
-def norm_stats_cbs(run:str) -> list:
-    "`[NormStatsDump]` for `run` when `BNET_NORM_STATS_DIR` is set, else `[]`."
-    folder = os.environ.get(NORM_STATS_ENV)
-    return [NormStatsDump(folder, run)] if folder else []

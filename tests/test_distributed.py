@@ -3,7 +3,7 @@ import copy, os, signal, subprocess, time
 from pathlib import Path
 import pandas as pd, psutil, pytest, torch
 from torch import nn
-from bnet_fastai.distributed import launch_cmd, NORM_STATS_ENV, CPUSyncBatchNorm
+from bnet_fastai.distributed import launch_cmd, CPUSyncBatchNorm
 from bnet_fastai.data import digits_dls
 from bnet_fastai.models.xresnet import xresnet18
 
@@ -20,14 +20,13 @@ def _launch_tmp(tmp_path_factory):
     if old is None: os.environ.pop('TMPDIR', None)
     else: os.environ['TMPDIR'] = old
 
-def _env(stats_dir=None) -> dict:
-    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-    if stats_dir: env[NORM_STATS_ENV] = str(stats_dir)
-    return env
+def _env() -> dict:
+    return {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
 
 def _launch(args, stats_dir=None, timeout=400) -> subprocess.CompletedProcess:
-    "Run `args` in 2 processes; torchrun exits 0 only if every rank did."
-    return subprocess.run(launch_cmd(2, *args), env=_env(stats_dir), capture_output=True, text=True, timeout=timeout)
+    "Run `args` in 2 processes; torchrun exits 0 only if every rank did. With `stats_dir`, through the norm-statistics probe."
+    if stats_dir: args = [str(ROOT/'tests'/'_norm_stats_probe.py'), str(stats_dir), *args[2:]] # args[:2] is `-m bnet_fastai.train`
+    return subprocess.run(launch_cmd(2, *args), env=_env(), capture_output=True, text=True, timeout=timeout)
 
 def _files(d:Path) -> list: return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
 
