@@ -21,8 +21,8 @@ import fastai.callback.schedule # fit_one_cycle, fit_flat_cos, fine_tune
 
 # %% auto #0
 __all__ = ['opt_hp_map', 'opt_registry', 'Ranger', 'Ralamb', 'RangerLars', 'AdaHessian', 'GroupOptimWrapper',
-           'needs_create_graph', 'HessianBackward', 'ranger', 'ralamb', 'ranger_lars', 'adahessian', 'adamod',
-           'diffgrad', 'novograd', 'lookahead', 'get_opt']
+           'needs_create_graph', 'HessianBackward', 'register_opt', 'ranger', 'ralamb', 'ranger_lars', 'adahessian',
+           'adamod', 'diffgrad', 'novograd', 'lookahead', 'get_opt']
 
 # %% ../nbs/06_optimizers.ipynb #7b1c274b
 class _DeviceForeach:
@@ -218,6 +218,16 @@ class HessianBackward(Callback):
         raise CancelBackwardException
 
 # %% ../nbs/06_optimizers.ipynb #e8427480
+opt_registry = {}
+
+def register_opt(name:str|None=None): # Registry key; the function's `__name__` if `None`
+    "Decorator: register an opt_func in `opt_registry`."
+    def _reg(f):
+        opt_registry[name or f.__name__] = f
+        return f
+    return _reg
+
+@register_opt()
 def ranger(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-5,
            k:int=6, # Lookahead: steps between slow-weight updates
            alpha:float=0.5, # Lookahead: how far the slow weights move toward the fast ones
@@ -225,10 +235,12 @@ def ranger(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.999, wd:float=
     "fastai opt_func for `Ranger`"
     return GroupOptimWrapper(params, Ranger, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, k=k, alpha=alpha, **kwargs)
 
+@register_opt()
 def ralamb(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for `Ralamb`"
     return GroupOptimWrapper(params, Ralamb, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
 
+@register_opt()
 def ranger_lars(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-8,
                 k:int=6, # Lookahead: steps between slow-weight updates
                 alpha:float=0.5, # Lookahead: how far the slow weights move toward the fast ones
@@ -236,6 +248,7 @@ def ranger_lars(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:fl
     "fastai opt_func for `RangerLars` (Lookahead over `Ralamb`)"
     return GroupOptimWrapper(params, RangerLars, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, k=k, alpha=alpha, **kwargs)
 
+@register_opt()
 def adahessian(params, lr:float=0.15, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-4,
                hessian_power:float=1., # Exponent of the Hessian diagonal in the denominator
                **kwargs) -> GroupOptimWrapper:
@@ -246,16 +259,19 @@ class _AdaMod(_DeviceForeach, po.AdaMod): pass
 class _DiffGrad(_DeviceForeach, po.DiffGrad): pass
 class _NovoGrad(_DeviceForeach, po.NovoGrad): pass
 
+@register_opt()
 def adamod(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999,
            beta3:float=0.999, # Decay rate of the running mean of step sizes that bounds each step
            wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `AdaMod`"
     return GroupOptimWrapper(params, _AdaMod, lr=lr, betas=(mom, sqr_mom, beta3), weight_decay=wd, eps=eps, **kwargs)
 
+@register_opt()
 def diffgrad(params, lr:float=1e-3, mom:float=0.9, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `DiffGrad`"
     return GroupOptimWrapper(params, _DiffGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
 
+@register_opt()
 def novograd(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.98, wd:float=0.01, eps:float=1e-8, **kwargs) -> GroupOptimWrapper:
     "fastai opt_func for pytorch_optimizer's `NovoGrad`"
     return GroupOptimWrapper(params, _NovoGrad, lr=lr, betas=(mom, sqr_mom), weight_decay=wd, eps=eps, **kwargs)
@@ -276,11 +292,9 @@ def lookahead(opt_func, # An opt_func, or a name from `opt_registry`
     return partial(_lookahead, opt_func=get_opt(opt_func), k=k, alpha=alpha)
 
 # %% ../nbs/06_optimizers.ipynb #41bc53da
-opt_registry = {'ranger': ranger, 'ralamb': ralamb, 'ranger_lars': ranger_lars, 'adahessian': adahessian,
-                'adamod': adamod, 'diffgrad': diffgrad, 'novograd': novograd}
-
-def get_opt(name):
-    "The opt_func registered as `name` (a callable is returned as it is)."
+def get_opt(name:str|callable, # A name from `opt_registry`, or an opt_func
+           ) -> callable:
+    "The opt_func registered as `name` (a factory: call it with the parameters), or `name` itself when it is callable."
     if callable(name): return name
     if name not in opt_registry:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(opt_registry)}")
