@@ -14,6 +14,7 @@ import torch.nn.functional as F
 __all__ = ['act_registry', 'register_act', 'Swish', 'Mila', 'BentID', 'get_act']
 
 # %% ../nbs/04_activations.ipynb #5a7c1e93
+# torch's own classes, which fastai's `act_cls` defaults to; timm's `get_act_layer` would give its own GELU for 'gelu'.
 act_registry = {'relu': nn.ReLU, 'lrelu': nn.LeakyReLU, 'silu': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU}
 
 def register_act(name:str|None=None): # Registry key; the class's `__name__`, lowercased, if `None`

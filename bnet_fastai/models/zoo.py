@@ -6,11 +6,11 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/zoo.html.md"""
 
 # %% ../../nbs/05_zoo.ipynb #f7366664
 from __future__ import annotations
-import inspect
+from functools import partial
 from fastcore.meta import delegates
 from torch import nn
 from fastai.layers import ResBlock, SEBlock
-from timm.layers import SplitAttn
+from timm.layers import SplitAttn, create_act_layer
 from timm.models.resnet import ResNet, BasicBlock
 from timm.models.resnest import ResNestBottleneck
 from ..placement import branch_last_norms, check_placement
@@ -24,12 +24,8 @@ __all__ = ['mininet', 'xmininet', 'xsemininet', 'mininest_ba', 'mininest_bn', 'r
 
 # %% ../../nbs/05_zoo.ipynb #5f8a93e5
 def _timm_act(act_cls):
-    "`act_cls` as a timm `act_layer`: timm asks for `inplace=True`, which only some activations take."
-    act = get_act(act_cls)
-    try: takes_inplace = 'inplace' in inspect.signature(act).parameters
-    except (TypeError, ValueError): takes_inplace = False
-    def act_layer(inplace=False): return act(inplace=inplace) if takes_inplace else act()
-    return act_layer
+    "`act_cls` as a timm `act_layer`: timm's `create_act_layer` passes `inplace=True` only to activations that take it."
+    return partial(create_act_layer, get_act(act_cls))
 
 # %% ../../nbs/05_zoo.ipynb #713c57fc
 class NormResNet(ResNet):
