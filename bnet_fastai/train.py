@@ -30,7 +30,7 @@ from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
 from .recipes import TRAIN_DEFAULTS, LEADERBOARD_NOTES, resolve_options, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, leaderboard_comparison
 from .precision import PRECISIONS, choose_precision, precision_cbs
-from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap, norm_stats_cbs
+from .distributed import init_distributed, distrib_run, is_rank0, barrier, gather_objects, rank_item, unwrap
 
 # %% auto #0
 __all__ = ['DATASETS', 'SCHEDS', 'train_config', 'get_dls', 'EpochCheckpoint', 'RunLogger', 'EpochLines', 'build_learner',
@@ -220,7 +220,7 @@ def train_run(cfg:AttrDict, # From `train_config`
         learn.model.load_state_dict(state['model'])
         learn.create_opt(); learn.opt.load_state_dict(state['opt'])
     cp = EpochCheckpoint(ckpt, state)
-    cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp] + norm_stats_cbs(run_dir.name)
+    cbs = ([RunLogger('history.csv', cp.start)] if is_rank0() else []) + [cp]
     if plain and is_rank0(): cbs.append(EpochLines())
     # fastai's fit_flat_cos drops its `start_epoch`, so skip the finished epochs with fastai's callback directly
     if cp.start: cbs.append(SkipToEpoch(cp.start))

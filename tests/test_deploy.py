@@ -110,8 +110,9 @@ def test_mixed_precision_training_digits(precision, dtype, request):
     "After `enable_cpu_amp()`, fastai's own `to_bf16()`/`to_fp16()` train a BNET model in that dtype on the CPU (fastai alone stays in fp32)."
     enable_cpu_amp()
     request.addfinalizer(lambda: enable_cpu_amp(False))
-    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)  # native 8×8: half-precision convolutions are slow on CPUs without bf16/fp16 units
-    learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10), loss_func=CrossEntropyLossFlat()), precision)()
+    # Native 8×8 and a quarter of the width: half-precision convolutions are slow on CPUs without bf16/fp16 units
+    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)
+    learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10, widen=0.25), loss_func=CrossEntropyLossFlat()), precision)()
     seen, scaling = set(), set()
     learn.add_cb(EveryBatch(lambda: scaling.add(learn.scaler.is_enabled()) if learn.training else None))
     bnet = next(m for m in learn.model.modules() if isinstance(m, BNET))

@@ -72,19 +72,18 @@ def test_builder_norm_matrix(name):
     "Every builder x norm x placement runs forward and backward; residual-last norms output 0 at init."
     x = torch.randn(2, 3, 64, 64)
     for norm, at in _combos(name):
-        if True:
-            m = bx.arch_registry[name](n_out=7, norm=norm, bnet_at=at, **_size(name))
-            assert isinstance(m, FastaiXResNet)
-            y = _check_zero_init(m, x)
-            assert y.shape == (2, 7)
-            y.sum().backward()
-            grads = [p.grad for p in m.parameters() if p.requires_grad]
-            assert all(g is not None and torch.isfinite(g).all() for g in grads)
-            n_bnet = sum(isinstance(o, BNET) for o in m.modules())
-            n_last = len(branch_last_norms(m))
-            if norm == 'bn': assert n_bnet == 0
-            elif at == 'last': assert n_bnet == n_last
-            else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
+        m = bx.arch_registry[name](n_out=7, norm=norm, bnet_at=at, **_size(name))
+        assert isinstance(m, FastaiXResNet)
+        y = _check_zero_init(m, x)
+        assert y.shape == (2, 7)
+        y.sum().backward()
+        grads = [p.grad for p in m.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        n_bnet = sum(isinstance(o, BNET) for o in m.modules())
+        n_last = len(branch_last_norms(m))
+        if norm == 'bn': assert n_bnet == 0
+        elif at == 'last': assert n_bnet == n_last
+        else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
 
 def test_fastai_builders_unchanged_after_import():
     "fastai's builders do not take `norm=`: ours do (`bx.xresnet50`)."

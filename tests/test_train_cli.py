@@ -9,7 +9,7 @@ from bnet_fastai.train import main, train_config, train_run
 
 root = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]), 'MPLBACKEND': 'Agg'}
-DIGITS = ['--dataset', 'digits', '--arch', 'xresnet18', '--epochs', '5']
+DIGITS = ['--dataset', 'digits', '--arch', 'xresnet18', '--epochs', '5', '--size', '16'] # 16 px: digits are 8×8
 FINAL = ['accuracy', 'top5', 'valid_loss', 'train_loss']
 
 def bnet_train(*args, env=ENV):
@@ -67,7 +67,7 @@ def test_reported_accuracy_is_the_saved_weights(digits_runs):
     out, _ = digits_runs
     model = arch_registry['xresnet18'](n_out=10, norm='bnet')
     model.load_state_dict(torch.load(out/'bnet_s0'/'model.pth')); model.eval()
-    dls = digits_dls()
+    dls = digits_dls(size=16)
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dls.valid)
     m = json.loads((out/'bnet_s0'/'metrics.json').read_text())
