@@ -39,7 +39,9 @@ sync: install
 docs: install
 	bnet-docs
 
+# Two pytest workers, one file each at a time (a file's shared fixtures are built once), one torch thread each.
 # pytest's exit status 5 means it collected nothing: fail rather than pass vacuously.
+TEST_WORKERS ?= 2
 test: install browser sync docs
-	nbdev-test && $(PYTHON) -m pytest; rc=$$?; \
+	nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -2,8 +2,12 @@ import os, pytest, torch
 from fastai.data.external import fastai_cfg
 from bnet_fastai.data import fake_imagenette
 
-# Two cores: keep torch from oversubscribing when pytest or notebooks run in parallel.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) each worker, and every process it starts, gets one thread: two
+# workers on two cores rather than four threads taking turns. Alone, at most two threads.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+else: torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _seed():
