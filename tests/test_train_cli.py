@@ -79,7 +79,10 @@ def test_ctrl_c_and_resume(digits_runs, tmp_path):
     full_out, _ = digits_runs
     out, args = tmp_path/'k', [*DIGITS, '--norm', 'bnet']
     run = out/'bnet_s0'
-    p = subprocess.Popen(['bnet-train', *args, '--out', str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec: give the run Ctrl-C back,
+    # as a terminal would
+    p = subprocess.Popen(['bnet-train', *args, '--out', str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rows = lambda: len((run/'history.csv').read_text().splitlines()) - 1 if (run/'history.csv').exists() else 0
     deadline = time.time() + 900
     while p.poll() is None and rows() < 2 and time.time() < deadline: time.sleep(0.1)
