@@ -39,9 +39,10 @@ sync: install
 docs: install
 	bnet-docs
 
-# Two pytest workers, one file each at a time (a file's shared fixtures are built once), one torch thread each.
+# Two pytest workers, one file each at a time (a file's shared fixtures are built once), one torch thread each; files
+# in tests/conftest.py's order (longest first), not xdist's (most tests first, which puts the README blocks last).
 # pytest's exit status 5 means it collected nothing: fail rather than pass vacuously.
 TEST_WORKERS ?= 2
 test: install browser sync docs
-	nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

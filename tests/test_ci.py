@@ -20,5 +20,5 @@ def test_make_test_runs_every_test():
     mk = (root/'Makefile').read_text()
     recipe = re.search(r"^test:(.*)\n((?:\t.*\n)+)", mk, re.M)
     assert {'install', 'browser', 'sync', 'docs'} <= set(recipe[1].split())
-    assert 'nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile' in recipe[2] and '-eq 5' in recipe[2]
+    assert 'nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder' in recipe[2] and '-eq 5' in recipe[2]
     assert re.search(r"^docs:.*\n\tbnet-docs$", mk, re.M)
