@@ -17,6 +17,7 @@ from fastcore.basics import ifnone, range_of
 from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, Lookahead as FastaiLookahead, detuplify_pg, set_item_pg
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.callback.fp16 import MixedPrecision, AMPMode
+from fastai.torch_core import num_distrib
 import fastai.callback.schedule # fit_one_cycle, fit_flat_cos, fine_tune
 
 # %% auto #0
@@ -207,7 +208,12 @@ class HessianBackward(Callback):
         if not needs_create_graph(self.learn.opt): return
         if any(isinstance(cb, MixedPrecision) and AMPMode(cb.amp_mode) == AMPMode.FP16 for cb in self.learn.cbs):
             raise ValueError("adahessian cannot train under `to_fp16()`: GradScaler unscales the gradients in place, "
-                             "which breaks their graph and the Hessian estimate. Use `learn.to_bf16()` or `learn.to_fp32()`.")
+                             "which breaks their graph and the Hessian estimate. Use `learn.to_fp32()` "
+                             "(or `learn.to_bf16()` with a lower lr: bf16 rounding can make the estimate diverge).")
+        # DDP averages the gradients but not the Hessian-vector products taken from them, and refuses double backward
+        if num_distrib() > 1:
+            raise ValueError(f"adahessian cannot train in a launched run of {num_distrib()} processes: DDP does not synchronise "
+                             "its Hessian estimates. Train it in one process, or choose another optimizer.")
 
     def before_backward(self):
         if not needs_create_graph(self.learn.opt): return

@@ -323,6 +323,7 @@ def train(out:str|Path='runs', # Output folder
         # download and check the data before anything is written
         with warnings.catch_warnings(record=True) as ws:
             warnings.simplefilter('always')
+            warnings.simplefilter('ignore', ResourceWarning) # fastai leaves config.ini open when it first writes it: not the user's to act on
             exclude = getattr(get_dls(cfg, check=True, skip_bad_images=skip_bad_images), 'skipped_images', [])
         for w in ws: print(f"warning: {w.message}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)

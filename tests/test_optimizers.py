@@ -209,6 +209,18 @@ def test_adahessian_bf16_and_fp16():
     learn.to_fp32().to_fp16()
     with pytest.raises(ValueError, match='to_fp16'): learn.fit(1, 1e-2)
 
+def test_adahessian_refused_in_a_launched_run(monkeypatch):
+    "Several processes (fastai's `num_distrib`, read from WORLD_SIZE): refused before the first batch; other optimizers train."
+    import bnet_fastai.optimizers as bo
+    monkeypatch.setattr(bo, 'num_distrib', lambda: 2)
+    xs, ys = tiny_batches(1)
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=adahessian)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(ValueError, match='adahessian cannot train in a launched run of 2 processes'): learn.fit(1, 1e-2)
+    assert all(torch.equal(b, p) for b, p in zip(before, learn.model.parameters())) # not one step taken
+    learn = Learner(tiny_dls(xs, ys), tiny_net(), loss_func=nn.CrossEntropyLoss(), opt_func=ranger)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+
 def test_adahessian_double_backward_under_bf16_autocast():
     "The Hessian-vector products themselves under CPU bf16 autocast, outside any Learner."
     xs, ys = tiny_batches(1)

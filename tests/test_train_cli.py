@@ -107,11 +107,13 @@ def test_ctrl_c_and_resume(digits_runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 def test_imagenette_cli_offline(nette_home, tmp_path):
-    "Imagenette's real layout under FASTAI_HOME: `untar_data` finds it, no network needed."
-    out = tmp_path/'nette'
+    "Imagenette's real layout under a new FASTAI_HOME (no config.ini yet, as on a first run): `untar_data` finds it, no network needed, nothing on stderr."
+    out, home = tmp_path/'nette', tmp_path/'home'
+    shutil.copytree(nette_home/'data'/'imagenette2-160', home/'data'/'imagenette2-160')
     p = bnet_train('--dataset', 'imagenette', '--epochs', 1, '--size', 64, '--bs', 8, '--out', out,
-                   env={**ENV, 'FASTAI_HOME': str(nette_home)})
+                   env={**ENV, 'FASTAI_HOME': str(home)})
     assert p.returncode == 0, p.stderr[-3000:]
+    assert (home/'config.ini').exists() and err_lines(p.stderr) == []
     for n in ('bn', 'bnet'):
         m = json.loads((out/f'{n}_s0'/'metrics.json').read_text())
         assert m['epochs'] == 1 and 0 <= m['top5'] <= 1
