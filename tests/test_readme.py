@@ -48,3 +48,24 @@ def test_readme_block_runs_as_pasted(i, nette_home, tmp_path):
 def test_readme_has_python_blocks():
     blocks = readme_python_blocks()
     assert len(blocks) >= 2 and all('import' in b for b in blocks), 'every shown block carries its imports'
+
+def shown_commands() -> list:
+    "Every `bnet-train` command line in a fenced block of README.md or of a page's markdown, as (file, command)."
+    texts = {'README.md': (root/'README.md').read_text()}
+    for nb in sorted((root/'nbs').glob('*.ipynb')):
+        texts[nb.name] = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'markdown')
+    return [(name, line.split(' #')[0].strip()) for name, t in texts.items() for block in re.findall(r"^```[^\n]*\n(.+?)^```", t, re.S | re.M)
+            for line in block.splitlines() if line.strip().startswith('bnet-train ')]
+
+def test_shown_commands_are_current():
+    "Each `bnet-train` command the docs show parses, passes bnet-train's checks, and uses no deprecated option."
+    import inspect, warnings
+    from fastcore.script import anno_parser
+    from bnet_fastai.train import main, train_config
+    cmds, parser, keys = shown_commands(), anno_parser(main), set(inspect.signature(train_config).parameters)
+    assert len(cmds) >= 5 and {n for n, _ in cmds} >= {'README.md', '08_train.ipynb', '20_experiment.ipynb'}
+    for name, cmd in cmds:
+        args = vars(parser.parse_args(cmd.split()[1:]))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', DeprecationWarning)
+            train_config(**{k: v for k, v in args.items() if k in keys})
