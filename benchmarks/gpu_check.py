@@ -5,7 +5,7 @@
 Checks, each printed as a line `ok`/`FAIL name: detail`:
 - lean vs plain BNET path, fp32 / bf16 / fp16 autocast and an all-fp16 model, NCHW and channels_last: outputs and gradients agree;
 - every opt_func (and Lookahead around one) for 10 steps after the model moved to the GPU;
-- `bnet-train` on digits with --bf16 --channels-last for 2 epochs, then a resumed run from epoch 1;
+- `bnet-train` on digits with bf16 (fp16 where the GPU has no native bf16) and --channels-last for 2 epochs, then a run resumed from epoch 1's checkpoint;
 - `export_onnx(check=True)` of a fused xresnet18-bnet with TF32 on (the default) and off.
 """
 import argparse, copy, shutil, subprocess, sys, tempfile, traceback
@@ -57,20 +57,23 @@ def opt_steps(name, opt_func):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3) # create_opt on the CPU model, then fastai moves it
     assert learn.train_iter == 10 and all(p.is_cuda and torch.isfinite(p).all() for p in learn.model.parameters())
 
-def train_and_resume(out):
+def train_and_resume(out, precision):
     args = [sys.executable, '-m', 'bnet_fastai.train', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet',
-            '--epochs', '2', '--size', '32', '--bs', '64', '--bf16', '--channels-last', '--opt', 'ranger_lars']
+            '--epochs', '2', '--size', '32', '--bs', '64', '--precision', precision, '--channels-last', '--opt', 'ranger_lars']
     full = subprocess.run(args + ['--out', str(out/'full')], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
     # resume: keep epoch 1's checkpoint only, by training 1 epoch and copying it into a 2-epoch folder
-    one = subprocess.run([a if a != '2' else '1' for a in args] + ['--out', str(out/'one')], capture_output=True, text=True)
+    one = subprocess.run([a if a != '2' else '1' for a in args] + ['--out', str(out/'one'), '--keep-checkpoints'], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     shutil.copytree(out/'one'/'bnet_s0', out/'res'/'bnet_s0')
+    assert (out/'res'/'bnet_s0'/'checkpoint.pth').exists()
     (out/'res'/'bnet_s0'/'metrics.json').unlink()
     shutil.copy(out/'full'/'config.json', out/'res'/'config.json')
     res = subprocess.run(args + ['--out', str(out/'res'), '--resume'], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    return full.stdout.strip().splitlines()[-1] + ' | resumed: ' + res.stdout.strip().splitlines()[-1]
+    assert 'epoch 1/2' not in res.stdout and 'epoch 2/2' in res.stdout, res.stdout # only epoch 2 trained: it resumed
+    row = lambda p: next(l for l in p.stdout.splitlines() if l.startswith('| bnet |')) # the summary table's row
+    return f"full {row(full)} resumed {row(res)}"
 
 def onnx_check(tf32):
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -94,7 +97,8 @@ def main(out=None):
     for name, f in {**opt_registry, "lookahead('ranger')": lookahead('ranger'), 'fastai.Adam': fo.Adam}.items():
         ok.append(report(f"opt_func {name}: 10 steps after the move", lambda: opt_steps(name, f)))
     with tempfile.TemporaryDirectory() as d:
-        ok.append(report("bnet-train digits --bf16 --channels-last, and --resume", lambda: train_and_resume(Path(out or d))))
+        prec = 'bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16' # bnet-train refuses emulated bf16
+        ok.append(report(f"bnet-train digits --precision {prec} --channels-last, and --resume", lambda: train_and_resume(Path(out or d), prec)))
     for tf32 in (True, False): ok.append(report(f"export_onnx check, TF32 {'on' if tf32 else 'off'}", lambda: onnx_check(tf32)))
     print(f"{sum(ok)}/{len(ok)} checks passed")
     return 0 if all(ok) else 1
