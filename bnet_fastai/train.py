@@ -281,7 +281,7 @@ def write_outputs(out:Path, # The output folder
     "Write `summary.md` and `curves.png` for all the runs in `out`; return the table."
     out = Path(out)
     table = summary_table(results) + leaderboard_comparison(cfg, results)
-    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epochs, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
+    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
     (out/'summary.md').write_text(head + table + '\n')
     hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s in cfg.seeds] for n in cfg.norms}
     plot_curves(hists, out/'curves.png')

@@ -33,7 +33,7 @@ def _fwd(model, x, train, seed=1):
     model.train(train); torch.manual_seed(seed)  # the same dropout masks for both models
     with torch.no_grad(): return model(x)
 
-def check_same_function(orig, new, x, atol=1e-5):
+def check_same_function(orig, new, x, atol=1e-5, max_out=50):
     """`new` computes what `orig` computes, in eval and train mode.
     float64: equal to 1e-10, so the maths is the same. float32: within `atol`, or, where larger, within the two
     models' own float32 rounding errors added up (each one's distance from its float64 self): two float32 evaluations
@@ -44,7 +44,7 @@ def check_same_function(orig, new, x, atol=1e-5):
         n64y = _fwd(n64, x.double(), train)
         torch.testing.assert_close(n64y, y64, atol=1e-10, rtol=0)
         yo, yn = _fwd(orig, x, train), _fwd(new, x, train)
-        assert yo.abs().max() < 50  # a realistic output scale, not a blown-up network
+        assert yo.abs().max() < max_out  # a realistic output scale, not a blown-up network
         own = (yo.double() - y64).abs().max().item() + (yn.double() - n64y).abs().max().item()
         torch.testing.assert_close(yn, yo, atol=max(atol, own), rtol=0)
     for name, m in new.named_modules():  # running stats moved the same way
@@ -73,13 +73,15 @@ def test_convert_keeps_function(name, at):
 @pytest.mark.slow
 def test_vision_learner_convert_split_and_fit():
     dls = digits_dls(size=32, n=900, bs=64, n_valid=200)
+    torch.manual_seed(0) # the init, whatever ran before in this process
     learn = vision_learner(dls, resnet34, pretrained=False, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     xb, _ = dls.one_batch()
     randomise_norms(learn.model, xb)
     orig = learn.model
     learn.model, rep = convert_to_bnet(learn.model)
     assert rep.n_converted == n_bn(orig) and n_bn(learn.model) == 0  # head BatchNorm1d included
-    check_same_function(orig, learn.model, F.interpolate(xb[:16], size=64, mode='bilinear'))
+    # an untrained resnet34 with fastai's head gives logits up to 36-72 (seeds 0-7) in eval mode: a blown-up one gives far more
+    check_same_function(orig, learn.model, F.interpolate(xb[:16], size=64, mode='bilinear'), max_out=200)
     # fastai's splitter still finds body and head, and covers every parameter once.
     groups = learn.splitter(learn.model)
     assert len(groups) == 3

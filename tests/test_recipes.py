@@ -113,7 +113,8 @@ def test_leaderboard_recipe_cli_on_fake_imagenette(nette_home, use_home, tmp_pat
     with pytest.raises(RuntimeError, match='Unexpected key'): build(False).load_state_dict(sd)
     # no published entry at 64 px and 1 epoch
     summary = (out/'summary.md').read_text()
-    assert 'Published leaderboard: imagenette, 64 px, 1 epoch' in summary and 'None:' in summary
+    assert 'Published leaderboard: imagenette, 64 px, 1 epoch\n' in summary and 'None:' in summary
+    assert summary.startswith('# xse_resnext50 on imagenette: 1 epoch, flat_cos, ranger, lr 0.008, bs 8, size 64,')
     # the same options in-process: the model and the loss the run was built with
     use_home(nette_home)
     c = train_config(recipe='leaderboard', dataset='imagenette', epochs=1, size=64, bs=8, workers=0)
