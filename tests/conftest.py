@@ -1,4 +1,5 @@
 import os, pytest, torch
+from fastai.torch_core import set_seed
 from fastai.data.external import fastai_cfg
 from bnet_fastai.data import fake_imagenette
 
@@ -9,9 +10,11 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)
 else: torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Python's `random` (fastai's DataLoader draws its shuffle seed from it), NumPy and torch, before every test: a test's
+# data order and init then do not depend on which tests ran before it in the same worker.
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    set_seed(0, reproducible=True)
 
 # A small tree with Imagenette's layout under a temporary FASTAI_HOME: `untar_data` returns it without the network.
 @pytest.fixture(scope='module')
