@@ -9,20 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['act_registry', 'register_act', 'Swish', 'Mila', 'BentID', 'get_act']
 
 # %% ../nbs/04_activations.ipynb #5a7c1e93
 # torch's own classes, which fastai's `act_cls` defaults to; timm's `get_act_layer` would give its own GELU for 'gelu'.
-act_registry = {'relu': nn.ReLU, 'lrelu': nn.LeakyReLU, 'silu': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU}
+act_registry = Registry('activation', alt='a class')
+act_registry.update(relu=nn.ReLU, lrelu=nn.LeakyReLU, silu=nn.SiLU, mish=nn.Mish, gelu=nn.GELU)
 
 def register_act(name:str|None=None): # Registry key; the class's `__name__`, lowercased, if `None`
     "Decorator: register an activation class in `act_registry`."
-    def _reg(cls):
-        act_registry[name or cls.__name__.lower()] = cls
-        return cls
-    return _reg
+    return lambda cls: act_registry.register(name or cls.__name__.lower())(cls)
 
 # %% ../nbs/04_activations.ipynb #8b7b3c1e
 @register_act('swish')
@@ -66,6 +65,4 @@ class BentID(nn.Module):
 def get_act(act:str|callable='relu', # A name from `act_registry`, or an activation class (or factory) taking no arguments
            ) -> callable:
     "The activation class named `act`, or `act` itself when it is already a class or factory."
-    if isinstance(act, str) and act in act_registry: return act_registry[act]
-    if callable(act) and not isinstance(act, str): return act
-    raise ValueError(f"unknown activation {act!r}; valid names: {', '.join(act_registry)} (or a class)")
+    return act_registry.lookup(act)

@@ -6,25 +6,29 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/norms.html.md"""
 
 # %% ../nbs/01_norms.ipynb #dfbf41d7
 from __future__ import annotations
-import inspect
+import inspect, re
 from functools import partial
 from torch import nn
 from fastai.layers import BatchNorm, InstanceNorm, NormType
 from .layers import BNET
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['norm_registry', 'register_norm', 'norm_names', 'check_norm', 'get_norm', 'make_norm']
 
 # %% ../nbs/01_norms.ipynb #196793a4
-norm_registry = {}
+def _bnet_hint(name):
+    "Why a 'bnet<k>' name is missing: even kernels do not exist, other odd ones are not registered."
+    if not (m := re.fullmatch(r'bnet(\d+)', name)): return ''
+    k = int(m[1])
+    return ' (BNET kernel sizes must be odd)' if k % 2 == 0 else f' (for another kernel size pass `partial(BNET, ks={k})`)'
+
+norm_registry = Registry('norm', alt='a callable taking nf', hint=_bnet_hint)
 
 def register_norm(name:str, # Registry key, the name users pass as `norm=`
                   *names:str): # Further names for the same factory
     "Decorator: register a norm factory `f(nf, ndim=2, zero=False)` in `norm_registry`."
-    def _reg(f):
-        for n in (name, *names): norm_registry[n] = f
-        return f
-    return _reg
+    return norm_registry.register(name, *names)
 
 def _zero_bias(norm):
     "fastai's norms start with bias 1e-3 until `init_cnn` zeroes it; start at 0 so `zero=True` really outputs 0."
@@ -48,17 +52,12 @@ def norm_names() -> list:
 
 def check_norm(norm) -> None:
     "Raise a `ValueError` naming `norm` and the valid choices unless `make_norm` accepts it."
-    if callable(norm): return
-    if not isinstance(norm, str) or norm not in norm_registry:
-        hint = ' (BNET kernel sizes must be odd)' if isinstance(norm, str) and norm.startswith('bnet') else ''
-        raise ValueError(f"unknown norm {norm!r}{hint}; valid names: {', '.join(norm_registry)} "
-                         "(or a callable taking nf)")
+    norm_registry.lookup(norm)
 
 def get_norm(norm:str|callable='bn', # A name from `norm_registry`, or a factory taking `nf`
             ) -> callable:
     "The norm factory named `norm` (call it with `nf` to build a layer), or `norm` itself when it is callable."
-    check_norm(norm)
-    return norm if callable(norm) else norm_registry[norm]
+    return norm_registry.lookup(norm)
 
 # %% ../nbs/01_norms.ipynb #e8c9de94
 def _call_factory(f, nf, ndim, zero):
@@ -75,5 +74,4 @@ def make_norm(norm:str|callable='bn', # A name from `norm_registry`, or a class/
               zero:bool=False, # Start as the zero function (for the last norm of a residual branch)
              ) -> nn.Module:
     "Turn a norm name (or callable) into a module for `nf` channels."
-    check_norm(norm)
     return _call_factory(get_norm(norm), nf, ndim, zero)

@@ -19,6 +19,7 @@ from fastai.callback.core import Callback, CancelBackwardException
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.torch_core import num_distrib
 import fastai.callback.schedule # fit_one_cycle, fit_flat_cos, fine_tune
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['opt_hp_map', 'opt_registry', 'Ranger', 'Ralamb', 'RangerLars', 'AdaHessian', 'GroupOptimWrapper',
@@ -224,14 +225,11 @@ class HessianBackward(Callback):
         raise CancelBackwardException
 
 # %% ../nbs/06_optimizers.ipynb #e8427480
-opt_registry = {}
+opt_registry = Registry('optimizer', alt='an opt_func')
 
 def register_opt(name:str|None=None): # Registry key; the function's `__name__` if `None`
     "Decorator: register an opt_func in `opt_registry`."
-    def _reg(f):
-        opt_registry[name or f.__name__] = f
-        return f
-    return _reg
+    return opt_registry.register(name)
 
 @register_opt()
 def ranger(params, lr:float=1e-3, mom:float=0.95, sqr_mom:float=0.999, wd:float=0.01, eps:float=1e-5,
@@ -301,7 +299,4 @@ def lookahead(opt_func, # An opt_func, or a name from `opt_registry`
 def get_opt(name:str|callable, # A name from `opt_registry`, or an opt_func
            ) -> callable:
     "The opt_func registered as `name` (a factory: call it with the parameters), or `name` itself when it is callable."
-    if callable(name): return name
-    if name not in opt_registry:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(opt_registry)}")
-    return opt_registry[name]
+    return opt_registry.lookup(name)

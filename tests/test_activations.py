@@ -13,7 +13,7 @@ REFS = {
     'swish_lrn':  (Swish(beta=0.75, learnable=True), lambda x: x * sigmoid(0.75 * x)),
     'mila':       (Mila(),                         lambda x: x * torch.tanh(softplus(x - 0.25))),
     'mila_b1':    (Mila(beta=1.),                  lambda x: x * torch.tanh(softplus(x + 1))),
-    'mish':       (get_act('mish')(),              lambda x: x * torch.tanh(softplus(x))),
+    'mila_b0':    (Mila(beta=0.),                  lambda x: x * torch.tanh(softplus(x))),  # Mish, this library's claim
     'bent_id':    (BentID(),                       lambda x: x + (torch.sqrt(x**2 + 1) - 1) / 2),
 }
 
@@ -66,9 +66,10 @@ def test_get_act_bad_name(bad):
     msg = str(e.value)
     assert repr(bad) in msg and all(n in msg for n in act_registry)
 
-@pytest.mark.parametrize('name', list(act_registry))
+@pytest.mark.parametrize('name', REFS)
 def test_output_on_input_device(name):
-    act = get_act(name)()
+    "This library's activations, in every configuration above, compute where their input is."
+    act = REFS[name][0]
     # meta tensors carry no data: any layer that moves its input to a fixed device fails or changes the device
     assert act(torch.empty(4, 5, device='meta')).device.type == 'meta'
 

@@ -1,11 +1,15 @@
 "The norm registry and the XResNet builders, checked against fastai's own models."
+import copy, json, subprocess, sys, textwrap
 import pytest, torch
 from torch import nn
 import fastai.vision.models.xresnet as fx
 from fastai.layers import ResBlock
 import bnet_fastai  # applies the fastai patches
 from bnet_fastai.layers import BNET
-from bnet_fastai.norms import make_norm, norm_registry
+from bnet_fastai.norms import make_norm, norm_registry, get_norm
+from bnet_fastai.registry import Registry
+from bnet_fastai.activations import get_act, act_registry
+from bnet_fastai.optimizers import get_opt, opt_registry
 from bnet_fastai.models import xresnet as bx
 from bnet_fastai.placement import branch_last_norms
 
@@ -85,28 +89,81 @@ def test_builder_norm_matrix(name):
         elif at == 'last': assert n_bnet == n_last
         else: assert not any(isinstance(o, nn.BatchNorm2d) and o.affine for o in m.modules())
 
+_fastai_before_and_after = textwrap.dedent("""
+    import json
+    import fastai.vision.models.xresnet as fx
+    ns, cls = dict(vars(fx)), dict(vars(fx.XResNet))
+    import bnet_fastai.all
+    from bnet_fastai.fastai_patches import fastai_xsenet154
+    changed = lambda old, new: sorted(n for n in old.keys() | new.keys() if old.get(n) is not new.get(n))
+    print(json.dumps(dict(module=changed(ns, vars(fx)), xresnet=changed(cls, vars(fx.XResNet)),
+                          xsenet154_fixed=fx.xsenet154 is fastai_xsenet154)))""")
+
 def test_fastai_builders_unchanged_after_import():
-    "fastai's builders do not take `norm=`: ours do (`bx.xresnet50`)."
+    "Importing bnet_fastai leaves fastai's xresnet module and its `XResNet` class as they were (fastai's names, fastai's objects)."
+    # Compared in a fresh interpreter, so the snapshot is taken before anything of bnet_fastai is imported.
+    p = subprocess.run([sys.executable, '-c', _fastai_before_and_after], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.splitlines()[-1])
+    # The one exception: fastai's broken `xsenet154`, replaced by the fixed one (03_fastai_patches).
+    assert res['module'] == (['xsenet154'] if res['xsenet154_fixed'] else []), res
+    assert res['xresnet'] == [], res
     with pytest.raises(TypeError, match='norm'): fx.xresnet50(norm='bnet', n_out=10)
-    assert type(fx.xresnet18(n_out=3)) is FastaiXResNet and FastaiXResNet is not bx.NormXResNet
 
 def test_patches_idempotent():
-    import fastai.torch_core
+    "Applying the patches again changes nothing: no second wrapper, no duplicate norm type, no second import hook."
+    import fastai.torch_core, fastai.learner, fastai.callback.training
     from bnet_fastai.fastai_patches import apply_patches
+    state = lambda: dict(fx=dict(vars(fx)), create_opt=fastai.learner.Learner.create_opt,
+                         set_bn_eval=fastai.callback.training.set_bn_eval,
+                         norm_types=tuple(fastai.torch_core.norm_types), meta_path=list(sys.meta_path))
+    before = state()
     apply_patches(); apply_patches()
+    after = state()
     assert fastai.torch_core.norm_types.count(BNET) == 1
-    assert fx.XResNet is FastaiXResNet and fx.XResNet.__module__ == 'fastai.vision.models.xresnet'
+    assert after['fx'].keys() == before['fx'].keys() and all(after['fx'][k] is v for k, v in before['fx'].items())
+    assert {k: v for k, v in after.items() if k != 'fx'} == {k: v for k, v in before.items() if k != 'fx'}
 
-def test_sync_batchnorm_conversion():
-    m = nn.SyncBatchNorm.convert_sync_batchnorm(bx.xresnet18(norm='bnet'))
+@pytest.mark.parametrize('lean', [False, True])
+def test_sync_batchnorm_conversion(lean):
+    "After `convert_sync_batchnorm`, every BNET normalises through its SyncBatchNorm (the module DDP synchronises), in fp32."
+    from bnet_fastai.layers import lean_bnets
+    torch.manual_seed(0)
+    with lean_bnets(lean): ref = bx.xresnet18(norm='bnet', n_out=5, widen=0.25)
+    for b in ref.modules():  # a non-identity start, so the conv after the norm matters
+        if isinstance(b, BNET): nn.init.normal_(b.conv.weight, std=0.3); nn.init.normal_(b.conv.bias, std=0.1)
+    m = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
     bnets = [o for o in m.modules() if isinstance(o, BNET)]
     assert bnets and all(isinstance(b.bn, nn.SyncBatchNorm) for b in bnets)
-    assert not any(type(o) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for o in m.modules())
+    calls = []
+    hooks = [b.bn.register_forward_hook(lambda mod, i, o: calls.append(mod)) for b in bnets]
+    x = torch.randn(4, 3, 16, 16)
+    # One process and no process group: SyncBatchNorm computes BatchNorm's maths, so both models agree exactly.
+    y, y_ref = m(x), ref(x)
+    assert len(calls) == len(bnets), 'a BNET bypassed its SyncBatchNorm'
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward(); y_ref.sum().backward()
+    for (n, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, msg=n)
+    for h in hooks: h.remove()
+
+@pytest.mark.parametrize('lookup,registry,kind,near,meant', [
+    (get_norm, norm_registry, 'norm', 'bnett', 'bnet'),
+    (get_act, act_registry, 'activation', 'Mish', 'mish'),
+    (bx.get_arch, bx.arch_registry, 'arch', 'xresnet19', 'xresnet18'),
+    (get_opt, opt_registry, 'optimizer', 'rangr', 'ranger'),
+])
+def test_every_registry_answers_alike(lookup, registry, kind, near, meant):
+    "Each registry's lookup refuses a near miss in the same words: the name, the closest valid one, every valid one."
+    assert isinstance(registry, Registry) and isinstance(registry, dict) and registry.kind == kind
+    with pytest.raises(ValueError) as e: lookup(near)
+    assert str(e.value) == f"unknown {kind} {near!r}; did you mean {meant!r}? valid {kind}s: {', '.join(registry)} (or {registry.alt})"
 
 @pytest.mark.parametrize('call,match', [
     (lambda: bx.xresnet18(norm='bnet4'), r"'bnet4'.*bn, bnet, bnet3, bnet5, bnet7, in, none"),
     (lambda: bx.xresnet18(norm='bogus'), r"'bogus'.*bn, bnet, bnet3, bnet5, bnet7, in, none"),
-    (lambda: make_norm('bogus', 8), r"'bogus'.*valid names"),
+    (lambda: make_norm('bogus', 8), r"unknown norm 'bogus'; valid norms: bn, bnet"),
+    (lambda: make_norm('bnet9', 8), r"'bnet9' \(for another kernel size pass `partial\(BNET, ks=9\)`\)"),
     (lambda: BNET(8, ks=2), r"ks=2.*odd|odd.*ks=2"),
     (lambda: bx.xresnet18(norm='bnet', bnet_at='middle'), r"'middle'.*'all', 'last'"),
 ])

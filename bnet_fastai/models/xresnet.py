@@ -12,19 +12,22 @@ from fastcore.meta import delegates
 from torch import nn
 from fastai.layers import ResBlock, SEBlock, SEResNeXtBlock, defaults
 from fastai.vision.models import xresnet as fx
+# fastai's stage layouts and SE settings, imported rather than assigned so they stay out of this module's `__all__`
+from fastai.vision.models.xresnet import g0, g1, g2, g3, se_kwargs1 as se1, se_kwargs2 as se2, se_kwargs3 as se3
 from fastai.vision.learner import model_meta
 from ..placement import batchnorm_types, bn_ndim, bn_sites, check_placement, _renamed_at
 from ..norms import make_norm, check_norm
 from ..activations import get_act
+from ..registry import Registry
 
 # %% auto #0
-__all__ = ['arch_registry', 'g0', 'g1', 'g2', 'g3', 'se1', 'se2', 'se3', 'xresnet18', 'xresnet34', 'xresnet50', 'xresnet101',
-           'xresnet152', 'xresnet18_deep', 'xresnet34_deep', 'xresnet50_deep', 'xresnet18_deeper', 'xresnet34_deeper',
-           'xresnet50_deeper', 'xse_resnet18', 'xse_resnet34', 'xse_resnet50', 'xse_resnet101', 'xse_resnet152',
-           'xresnext18', 'xresnext34', 'xresnext50', 'xresnext101', 'xse_resnext18', 'xse_resnext34', 'xse_resnext50',
-           'xse_resnext101', 'xse_resnext18_deep', 'xse_resnext34_deep', 'xse_resnext50_deep', 'xse_resnext18_deeper',
-           'xse_resnext34_deeper', 'xse_resnext50_deeper', 'xsenet154', 'set_norms', 'NormXResNet', 'register_arch',
-           'get_arch', 'arch_builder', 'with_norm']
+__all__ = ['arch_registry', 'xresnet18', 'xresnet34', 'xresnet50', 'xresnet101', 'xresnet152', 'xresnet18_deep', 'xresnet34_deep',
+           'xresnet50_deep', 'xresnet18_deeper', 'xresnet34_deeper', 'xresnet50_deeper', 'xse_resnet18', 'xse_resnet34',
+           'xse_resnet50', 'xse_resnet101', 'xse_resnet152', 'xresnext18', 'xresnext34', 'xresnext50', 'xresnext101',
+           'xse_resnext18', 'xse_resnext34', 'xse_resnext50', 'xse_resnext101', 'xse_resnext18_deep',
+           'xse_resnext34_deep', 'xse_resnext50_deep', 'xse_resnext18_deeper', 'xse_resnext34_deeper',
+           'xse_resnext50_deeper', 'xsenet154', 'set_norms', 'NormXResNet', 'register_arch', 'get_arch', 'arch_builder',
+           'with_norm']
 
 # %% ../../nbs/02_xresnet.ipynb #b07bfc44
 def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai, torchvision or timm
@@ -74,21 +77,16 @@ class NormXResNet(fx.XResNet):
         return super().__getitem__(idx)
 
 # %% ../../nbs/02_xresnet.ipynb #7302b521
-arch_registry = {}
+arch_registry = Registry('arch', alt='a builder')
 
 def register_arch(name:str|None=None): # Registry key; the function's `__name__` if `None`
     "Decorator: register a model builder in `arch_registry`."
-    def _reg(f):
-        arch_registry[name or f.__name__] = f
-        return f
-    return _reg
+    return arch_registry.register(name)
 
 def get_arch(arch:str|callable='xresnet18', # A name from `arch_registry`, or a builder
             ) -> callable:
     "The builder named `arch` (a function returning a model), or `arch` itself when it is already callable."
-    if isinstance(arch, str) and arch in arch_registry: return arch_registry[arch]
-    if callable(arch) and not isinstance(arch, str): return arch
-    raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(arch_registry)} (or a builder)")
+    return arch_registry.lookup(arch)
 
 # %% ../../nbs/02_xresnet.ipynb #a1b2c3d4
 def _pretrained_check(name, pretrained, kwargs):
@@ -127,9 +125,6 @@ def arch_builder(name:str, # Name of the builder and its key in `arch_registry`
 def _builder(name, *args, **defaults): return arch_builder(name, NormXResNet, *args, **defaults)
 
 # %% ../../nbs/02_xresnet.ipynb #6dff10c6
-g0, g1, g2, g3 = fx.g0, fx.g1, fx.g2, fx.g3
-se1, se2, se3 = fx.se_kwargs1, fx.se_kwargs2, fx.se_kwargs3
-
 xresnet18  = _builder('xresnet18',  ResBlock, 1, g0)
 xresnet34  = _builder('xresnet34',  ResBlock, 1, g1)
 xresnet50  = _builder('xresnet50',  ResBlock, 4, g1)
