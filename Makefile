@@ -1,6 +1,7 @@
 # Two commands do all the set-up (README, "Two commands"):
 #   make demo   install what is missing, then train BN against BNET on digits and print the table
-#   make test   install what is missing (a browser for the docs test too), build the docs site, run every test
+#   make test   install what is missing (a browser for the docs test too), build the docs site (which runs every
+#               notebook, failing on any cell error, as nbdev-test would), run every pytest test
 # The individual steps are listed in README ("Step by step") for installing by hand.
 SHELL := /bin/bash
 PYTHON ?= python
@@ -36,13 +37,14 @@ sync: install
 	if [ "$$before" != "$$(cat bnet_fastai/*.py bnet_fastai/*/*.py 2>/dev/null | md5sum)" ]; then \
 	  echo "nbdev-export changed bnet_fastai/: the notebooks and the modules were out of sync (commit the exported files)" >&2; exit 1; fi
 
+# The site build runs each notebook's cells as nbdev-test does and fails on any cell error: it is the notebooks' test.
 docs: install
-	bnet-docs
+	$(PYTHON) docs/build.py
 
 # Two pytest workers, one file each at a time (a file's shared fixtures are built once), one torch thread each; files
 # in tests/conftest.py's order (longest first), not xdist's (most tests first, which puts the README blocks last).
 # pytest's exit status 5 means it collected nothing: fail rather than pass vacuously.
 TEST_WORKERS ?= 2
 test: install browser sync docs
-	nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

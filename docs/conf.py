@@ -1,6 +1,6 @@
 """Sphinx settings for the offline docs site.
 
-`bnet-docs` (bnet_fastai.docs) runs the notebooks, processes them with nbdev, stages them in docs/_build/src/
+`python docs/build.py` runs the notebooks, processes them with nbdev, stages them in docs/_build/src/
 and runs Sphinx with this folder as its configuration folder; the site lands in docs/_site/."""
 from nbdev.config import get_config
 

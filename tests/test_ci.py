@@ -1,4 +1,4 @@
-"CI runs exactly the test command README gives, and that command runs nbdev-test and pytest."
+"CI runs exactly the test command README gives, and that command runs every notebook (in the docs build) and pytest."
 import re
 from pathlib import Path
 
@@ -15,10 +15,12 @@ def test_ci_runs_readme_test_command():
     assert cmd in ci_lines, f"README's test command {cmd!r} is not a line of .ci/run"
 
 def test_make_test_runs_every_test():
-    "`make test` ends with nbdev-test and pytest (guarded against collecting nothing), after building the site the docs test needs."
+    """`make test` builds the site, which runs every notebook as nbdev-test does and fails on a cell error, then runs
+    pytest (guarded against collecting nothing): each notebook runs once."""
     assert readme_test_command() == 'make test'
     mk = (root/'Makefile').read_text()
     recipe = re.search(r"^test:(.*)\n((?:\t.*\n)+)", mk, re.M)
     assert {'install', 'browser', 'sync', 'docs'} <= set(recipe[1].split())
-    assert 'nbdev-test && $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder' in recipe[2] and '-eq 5' in recipe[2]
-    assert re.search(r"^docs:.*\n\tbnet-docs$", mk, re.M)
+    assert '$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder' in recipe[2] and '-eq 5' in recipe[2]
+    assert 'nbdev-test' not in recipe[2]
+    assert re.search(r"^docs:.*\n\t\$\(PYTHON\) docs/build.py$", mk, re.M)

@@ -1,9 +1,9 @@
 """The built docs site, as a reader sees it in headless Chromium.
 
-Needs the site built (`bnet-docs`) and Debian's `chromium` and `chromium-driver`; `make test` provides all three
+Needs the site built (`python docs/build.py`) and Debian's `chromium` and `chromium-driver`; `make test` provides all three
 (without apt the browser tests skip, unless BNET_REQUIRE_BROWSER=1, as in CI). The test installs nothing: it serves
 docs/_site/ on 127.0.0.1 and drives the browser through chromedriver, with every other host unreachable."""
-import http.server, inspect, json, os, re, shutil, subprocess, sys, threading, time, uuid
+import http.server, importlib.util, inspect, json, os, re, shutil, subprocess, sys, threading, time, uuid
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -12,10 +12,15 @@ from urllib.request import urlopen
 import pytest
 from fastcore.docments import docments
 from nbdev.config import get_config
-from bnet_fastai.docs import doc_nbs, page_name
+from fastcore.nbio import mk_cell
 from bnet_fastai.layers import BNET
 
 root = Path(__file__).resolve().parents[1]
+# The site builder: a developer tool, not part of the package. Imported under a name, as fastcore's `parallel` needs.
+_spec = importlib.util.spec_from_file_location('docs_build', root/'docs'/'build.py')
+build = sys.modules.setdefault('docs_build', importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(build)
+doc_nbs, page_name = build.doc_nbs, build.page_name
 site_dir = root/'docs'/'_site'
 artifacts = root/'test_artifacts'
 chrome_flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
@@ -45,7 +50,7 @@ def serve(folder):
 
 @pytest.fixture(scope='module')
 def site():
-    if not (site_dir/'index.html').exists(): pytest.fail("docs/_site/ is not built: run `bnet-docs` first (`make test` does)")
+    if not (site_dir/'index.html').exists(): pytest.fail("docs/_site/ is not built: run `python docs/build.py` first (`make test` does)")
     with serve(site_dir) as srv: yield srv
 
 @pytest.fixture(scope='module')
@@ -181,7 +186,7 @@ def test_docstring_edit_changes_page(tmp_path, browser):
     from selenium.webdriver.common.by import By
     for d in ('nbs', 'bnet_fastai'): shutil.copytree(root/d, tmp_path/d, ignore=shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints'))
     shutil.copytree(root/'docs', tmp_path/'docs', ignore=shutil.ignore_patterns('_site', 'src', 'doctrees'))  # keep the run cache
-    for f in ('pyproject.toml', 'README.md'): shutil.copy(root/f, tmp_path)  # README: 90_docs checks it when its run cache is stale
+    shutil.copy(root/'pyproject.toml', tmp_path)
     old, new = BNET.__doc__, f'BNET with a docstring edited by the site test {uuid.uuid4().hex[:8]}.'
     nb_path = tmp_path/'nbs'/'00_layers.ipynb'
     nb = json.loads(nb_path.read_text())
@@ -190,10 +195,72 @@ def test_docstring_edit_changes_page(tmp_path, browser):
     assert new in cell['source']
     nb_path.write_text(json.dumps(nb, indent=1))
     env = {**__import__('os').environ, 'PYTHONPATH': str(tmp_path)}
-    res = subprocess.run([sys.executable, '-c', 'from bnet_fastai.docs import build_docs; build_docs()'],
+    res = subprocess.run([sys.executable, str(tmp_path/'docs'/'build.py')],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with serve(tmp_path/'docs'/'_site') as srv:
         _open(browser, srv.url + 'layers.html')
         body = browser.find_element(By.TAG_NAME, 'body').text
     assert new in body and old.replace('`', '') not in body
+
+
+# The builder's pieces, without a browser.
+
+def test_pages_keep_quartos_names():
+    "Every notebook is a page, the index first, named as Quarto names it, so nbdev's links to the hosted docs map onto it."
+    cfg = get_config(root)
+    pages = doc_nbs(cfg)
+    assert pages[0][1].name == 'index.ipynb'
+    assert {p.name for _, p in pages} == {p.name for p in cfg.nbs_path.glob('*.ipynb') if not p.name.startswith('_')}
+    assert page_name(cfg.nbs_path/'00_layers.ipynb', cfg.nbs_path) == 'layers'
+
+def test_quarto_options_and_links():
+    c = mk_cell('#| echo: false\n#| output: asis\nshow_doc(BNET)')
+    assert build.quarto_opts(c) == {'echo': 'false', 'output': 'asis'} and c.source == 'show_doc(BNET)'
+    ll, pg = build.local_links, {'index': 'index.ipynb', 'layers': '00_layers.ipynb'}
+    assert ll('A [`BNET`](https://x.io/p/layers.html#bnet) layer', pg, 'https://x.io/p/') == 'A [`BNET`](layers.ipynb#bnet) layer'
+    assert ll('see [the layer](00_layers.ipynb)', pg, 'https://x.io/p/') == 'see [the layer](layers.ipynb)'
+    other = '[fastai](https://docs.fast.ai/learner.html#learner)'
+    assert ll(other, pg, 'https://x.io/p/') == other
+
+def test_index_page_processed():
+    "nbdev's processing of the README's notebook: the frontmatter becomes the title and no Quarto option is left."
+    cfg = get_config(root)
+    pg = {page_name(p, cfg.nbs_path): p for _, p in doc_nbs(cfg)}
+    idx = build.process_nb(cfg.nbs_path/'index.ipynb', cfg.nbs_path/'index.ipynb', pg, cfg)
+    assert idx.cells[0].source.splitlines()[0] == f'# {cfg.title}'
+    assert not any(c.source.startswith('#|') for c in idx.cells)
+
+def _project(tmp_path, cells:dict):
+    "A project with one notebook per `name: [cell sources]`; its frontmatter is its first cell when that starts with '---'."
+    shutil.copy(root/'pyproject.toml', tmp_path)
+    (tmp_path/'nbs').mkdir()
+    for name, srcs in cells.items():
+        nb = dict(cells=[mk_cell(s, 'raw' if s.startswith('---') else 'code') for s in srcs], metadata={}, nbformat=4, nbformat_minor=5)
+        (tmp_path/'nbs'/f'{name}.ipynb').write_text(json.dumps(nb))
+    return get_config(tmp_path)
+
+def test_notebooks_run_as_nbdev_test_runs_them(tmp_path):
+    "The build runs what nbdev-test runs: `#| eval: false` and test-flag cells are skipped, and so is a `skip_exec` notebook."
+    cfg = _project(tmp_path, dict(
+        ok=['x = 1', '#| eval: false\nraise ValueError("eval: false ran")', f'#| {cfg_flag()}\nraise ValueError("flagged cell ran")',
+            'import os\nassert x == 1 and os.environ["IN_TEST"] == "1"\nx'],
+        skipped=['---\nskip_exec: true\n---', 'raise ValueError("skip_exec notebook ran")']))
+    nb = build.execute_nb(tmp_path/'nbs'/'ok.ipynb', cfg)
+    assert ''.join(nb.cells[-1].outputs[0]['data']['text/plain']) == '1'
+    assert not nb.cells[1].get('outputs') and not nb.cells[2].get('outputs')
+    build.execute_nb(tmp_path/'nbs'/'skipped.ipynb', cfg)
+
+def cfg_flag():
+    "A test flag the project skips (`tst_flags`), which is what nbdev-test skips too."
+    flags = get_config(root).tst_flags
+    return (flags.split() if isinstance(flags, str) else list(flags))[0]
+
+def test_a_cell_error_fails_the_build(tmp_path):
+    "A notebook whose cell raises fails the build, named with its traceback, before Sphinx runs and with no cached result."
+    cfg = _project(tmp_path, dict(index=['1 + 1'], good=['2 + 2'], bad=['y = 0', '1 / y']))
+    (tmp_path/'docs').mkdir(); shutil.copy(root/'docs'/'conf.py', tmp_path/'docs')
+    with pytest.raises(build.NotebookError, match=r'1 notebook\(s\) failed: bad\n(.|\n)*ZeroDivisionError'):
+        build.build_docs(tmp_path, n_workers=0)
+    assert not (tmp_path/'docs'/'_build'/'exec'/'bad.ipynb').exists()
+    assert (tmp_path/'docs'/'_build'/'exec'/'good.ipynb').exists() and not (tmp_path/'docs'/'_site').exists()

@@ -1,12 +1,12 @@
 "The Quarto path (`nbdev-docs`) stays valid: its config files are current and its sidebar lists every page of the offline site."
-import shutil, yaml
+import runpy, shutil, yaml
 from pathlib import Path
 from nbdev.config import get_config
 from nbdev.quarto import refresh_quarto_yml
 from fastcore.xtras import working_directory
-from bnet_fastai.docs import doc_nbs
 
 root = Path(__file__).resolve().parents[1]
+doc_nbs = runpy.run_path(str(root/'docs'/'build.py'))['doc_nbs']
 nbs = root/'nbs'
 
 def test_quarto_yml():

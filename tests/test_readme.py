@@ -1,15 +1,15 @@
-"README.md is what the offline README command (`bnet-readme`) renders from nbs/index.ipynb, and its Python blocks run as pasted."
-import json, os, re, shutil, subprocess, sys
+"README.md is what `python docs/build.py readme` renders from nbs/index.ipynb, and its Python blocks run as pasted."
+import json, os, re, runpy, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 from bnet_fastai.data import fake_imagenette
-from bnet_fastai.docs import readme_md
 
 root = Path(__file__).resolve().parents[1]
+readme_md = runpy.run_path(str(root/'docs'/'build.py'))['readme_md']  # a developer tool, not part of the package
 
 def test_readme_matches_index():
     assert (root/'README.md').read_text() == readme_md(root), \
-        "README.md and nbs/index.ipynb disagree: edit the notebook, then run `bnet-readme`"
+        "README.md and nbs/index.ipynb disagree: edit the notebook, then run `python docs/build.py readme`"
 
 def test_readme_follows_index(tmp_path):
     "An edit to the notebook changes the rendering, and nbdev's directives apply (`#| hide` cells stay out)."
