@@ -180,7 +180,7 @@ class BNET(nn.Module):
 
     def forward(self, x):
         # BatchNorm1d also takes (N, C) input: give it a length-1 axis so the conv sees (N, C, 1).
-        if self.ndim == 1 and not isinstance(x, torch.fx.Proxy) and x.dim() == 2: return self._forward(x[..., None])[..., 0]
+        if self.ndim == 1 and x.dim() == 2: return self._forward(x[..., None])[..., 0]
         return self._forward(x)
 
     def _forward(self, x):
