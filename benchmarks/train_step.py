@@ -6,6 +6,8 @@ so load from other processes hits all variants alike. Memory, two methods:
   excluded). Deterministic: it is the activation memory alive at the end of forward.
 - peak: the highest live allocation during one step (forward, backward, optimizer) above what was allocated before it;
   `torch.cuda.max_memory_allocated` on CUDA, the running sum of `torch.profiler`'s allocation events on CPU.
+Default: the path a BNET built without `lean` takes (`lean=None`: lean without autocast, plain under it), found by
+running one and counting what autocast's forward saves; its row is marked "(default)".
 Floor: BN's step plus BNET-3's extra kernels alone (the depthwise conv forward and backward, input and weight grads, at
 the shapes and dtype the model's BNETs see), timed in the same rounds. A BNET step cannot beat it; "×floor" is the
 floor's time over BNET's (1.0: BNET costs only its kernels).
@@ -47,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--png', default=None, help="where to save the plot ('' for none; default benchmarks/train_step.png, none with --quick)")
     p.add_argument('--quick', action='store_true', help='smoke run: xresnet18, 64 px, batch 8, 2 rounds')
+    p.add_argument('--json', default='', help='also write the raw measurements (ms per round, bytes) to this file')
     a = p.parse_args(argv)
     if a.quick: a.archs, a.size, a.bs, a.rounds = 'xresnet18', 64, 8, 2
     if a.png is None: a.png = '' if a.quick else 'benchmarks/train_step.png' # a smoke run keeps the committed plot
@@ -72,6 +75,17 @@ def variants(a):
     return [(p, arch, n, impl) for p in a.precision for arch in a.archs
             for n in a.norms + (['floor'] if 'bn' in a.norms and 'bnet3' in a.norms else [])
             for impl in (['-'] if n in ('bn', 'floor') else a.impls)]
+
+def default_path(device, prec) -> str:
+    "The path BNET's default (`lean=None`) takes at precision `prec`: the one whose saved tensors it matches."
+    x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
+    def saved(lean):
+        m, n = BNET(4, lean=lean).to(device), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(tuple(t.shape)) or t, lambda t: t), autocast(device, prec): m(x)
+        return n
+    found = [impl for impl, lean in (('lean', True), ('plain', False)) if saved(lean) == saved(None)]
+    assert len(found) == 1, found
+    return found[0]
 
 def sync(device):
     if device.startswith('cuda'): torch.cuda.synchronize()
@@ -174,6 +188,8 @@ def run(a):
     for r in rows: # the floor row: BN's step plus the kernels, each median from the same rounds
         if r[2] == 'floor': res[r]['ms'] += res[(r[0], r[1], 'bn', '-')]['ms']
     for r in rows: res[r]['ips'] = a.bs / (res[r]['ms'] / 1e3)
+    a.defaults = {p: default_path(a.device, p) for p in a.precision}
+    a.floor_kernels = {r: len(fns[r].ts) for r in rows if r[2] == 'floor'}
     return rows, res
 
 def machine(a):
@@ -194,13 +210,21 @@ def table(a, rows, res):
             ratio = lambda k: '–' if b is None or k not in v else f"{v[k]/b[k]:.3f}"
             mem = lambda k: '–' if k not in v else f"{mib(v[k]):.0f}"
             fl = f"{f['ms']/v['ms']:.3f}" if f is not None and r[2] == 'bnet3' else '–'
-            out.append(f"| {r[1]} | {r[2]} | {r[3]} | {v['ms']:.0f} | {v['ips']:.1f} | {ratio('ips')} | {fl} | "
+            path = r[3] + (' (default)' if r[2] != 'bn' and r[3] == a.defaults[p] else '')
+            out.append(f"| {r[1]} | {r[2]} | {path} | {v['ms']:.0f} | {v['ips']:.1f} | {ratio('ips')} | {fl} | "
                        f"{mem('saved')} | {ratio('saved')} | {mem('peak')} | {ratio('peak')} |")
     return '\n'.join(out)
 
-def targets(res):
+def targets(a, res):
     "P1 (BNET-3 speed ≥ 0.85× BN, and ≥ 0.95 of the floor) and P2 (BNET-3 peak memory ≤ 1.05× BN), per precision and path."
     out = []
+    for p, arch in dict.fromkeys(r[:2] for r in res): # the default path: BN's memory (fp32) at the plain path's speed
+        b, d, pl = (res.get((p, arch, n, i)) for n, i in (('bn', '-'), ('bnet3', a.defaults[p]), ('bnet3', 'plain')))
+        if b is None or d is None or pl is None: continue
+        s, pk = d['ips']/pl['ips'], d['peak']/b['peak']
+        out.append(f"{p} {arch} BNET-3 default ({a.defaults[p]}): speed {s:.3f}× the plain path's "
+                   f"({'met' if s >= 0.97 else 'missed'}, target ≥0.97); peak memory {pk:.3f}×BN"
+                   + (f" ({'met' if pk <= 1.05 else 'missed'}, target ≤1.05)" if p == 'fp32' else ''))
     for p, arch in dict.fromkeys(r[:2] for r in res):
         b, f = res.get((p, arch, 'bn', '-')), res.get((p, arch, 'floor', '-'))
         for impl in ('plain', 'lean'):
@@ -228,7 +252,12 @@ def main(argv=None):
     a.heap_words = setup_heap(a.heap)
     t0 = time.perf_counter()
     rows, res = run(a)
-    print(table(a, rows, res)); print(); print(targets(res))
+    print(table(a, rows, res)); print(); print(targets(a, res))
+    if a.json:
+        import json
+        with open(a.json, 'w') as f:
+            json.dump(dict(defaults=a.defaults, bs=a.bs, floor_kernels=[[*r, n] for r, n in a.floor_kernels.items()],
+                           rows=[dict(zip(('precision', 'arch', 'norm', 'impl'), r), **res[r]) for r in rows]), f)
     if a.png: plot(a, rows, res, a.png); print(f"plot saved to {a.png}")
     print(f"total {time.perf_counter()-t0:.0f} s")
 

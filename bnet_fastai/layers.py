@@ -9,12 +9,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from contextlib import contextmanager
 from fastcore.basics import store_attr, defaults
-from .placement import batchnorm_types, bn_ndim
 
 # %% auto #0
-__all__ = ['lean_bnets', 'BNET']
+__all__ = ['batchnorm_types', 'bn_base', 'bn_ndim', 'lean_bnets', 'BNET', 'to_like', 'bnet_parts']
+
+# %% ../nbs/00_layers.ipynb #e4f51b89
+batchnorm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) # The plain BatchNorms, for 1, 2 and 3 spatial dims
+bn_base = _BatchNorm # Base class of every BatchNorm: the plain ones, `SyncBatchNorm`, timm's `BatchNormAct2d`, ...
+
+def bn_ndim(bn:nn.Module, # A BatchNorm
+            ndim:int|None=None, # Spatial dims for a BatchNorm whose class does not fix them, e.g. `SyncBatchNorm`
+           ) -> int:
+    "Spatial dims of `bn`, from its class or (for `SyncBatchNorm`, which has none) from `ndim`."
+    for n, cls in enumerate(batchnorm_types, 1):
+        if isinstance(bn, cls): return n
+    if not isinstance(bn, bn_base): raise ValueError(f"expected a BatchNorm1d/2d/3d or SyncBatchNorm, got {type(bn).__name__}")
+    if ndim is None: raise ValueError(f"{type(bn).__name__} does not say its number of spatial dims; pass ndim=1, 2 or 3")
+    return ndim
 
 # %% ../nbs/00_layers.ipynb #4cbcc1c7
 def _check_ks(ks):
@@ -26,13 +40,16 @@ def _check_ndim(ndim):
     if ndim not in (1, 2, 3): raise ValueError(f"ndim must be 1, 2 or 3, got ndim={ndim!r}")
 
 # %% ../nbs/00_layers.ipynb #35ce254e
-if not hasattr(defaults, 'bnet_lean'): defaults.bnet_lean = False # Whether new BNETs train through the memory-lean path (read when a BNET is built)
+if not hasattr(defaults, 'bnet_lean'): defaults.bnet_lean = None # Path of new BNETs: True lean, False plain, None lean unless autocast is on (read when a BNET is built)
+
+def _check_lean(lean):
+    if lean is not None and not isinstance(lean, bool): raise ValueError(f"lean must be True, False or None, got lean={lean!r}")
 
 @contextmanager
-def lean_bnets(lean:bool=True, # Path for the BNETs built inside the block: `True` lean, `False` plain
+def lean_bnets(lean:bool|None=True, # Path for the BNETs built inside the block: `True` lean, `False` plain, `None` lean unless autocast is on
               ):
     "Set `defaults.bnet_lean` for the BNETs built inside the block, and restore it after."
-    if not isinstance(lean, bool): raise ValueError(f"lean must be True or False, got lean={lean!r}")
+    _check_lean(lean)
     old, defaults.bnet_lean = defaults.bnet_lean, lean
     try: yield
     finally: defaults.bnet_lean = old
@@ -46,6 +63,7 @@ class _LeanBNETFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, running_mean, running_var, momentum:float, eps:float, dt:torch.dtype|None=None):
         # `native_batch_norm` is the kernel `F.batch_norm` runs: same output, same running-stat update (unbiased var).
+        # It checks no sizes: `_lean_applies` has checked them (a wrong channel count would write past the running stats).
         xh, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
         # `dt`: the conv's dtype under autocast, which casts the conv's inputs (the plain path's cast, done here)
         y = _convs[x.dim()-2](*_cast((xh, w, b), dt), padding=w.shape[-1]//2, groups=x.shape[1])
@@ -80,17 +98,41 @@ class _LeanBNETFn(torch.autograd.Function):
         return gx, gw if gw is None else gw.to(w.dtype), gb if gb is None else gb.to(b.dtype), None, None, None, None, None
 
 # %% ../nbs/00_layers.ipynb #06b9a55f
+_halves = (torch.float16, torch.bfloat16)
+
+def _autocast_on(x) -> bool:
+    "Whether autocast is on for `x`'s device (off for devices autocast does not know, e.g. 'meta')."
+    try: return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError: return False
+
+def _plain_accepts(m, x) -> bool:
+    "Whether the plain path takes `x` without error: its rank, channel count, dtypes and device fit `m`."
+    bn, conv = m.bn, m.conv
+    if x.dim() != m.ndim+2 or x.numel() == 0 or x.shape[1] != m.nf: return False
+    stats = [t for t in (bn.running_mean, bn.running_var) if t is not None]
+    if any(t.numel() != m.nf for t in stats): return False
+    if any(t.device != x.device for t in (conv.weight, conv.bias, *stats)): return False
+    # BN takes half input with fp32 statistics; the conv needs its input's dtype, or autocast to cast all three.
+    if any(t.dtype != x.dtype and not (x.dtype in _halves and t.dtype == torch.float32) for t in stats): return False
+    if _autocast_on(x) and x.dtype != torch.float64: return conv.weight.dtype == conv.bias.dtype
+    return conv.weight.dtype == conv.bias.dtype == x.dtype
+
 def _lean_applies(m, x) -> bool:
     "Whether BNET `m` can take the lean path for `x`; otherwise it runs plain `bn` then `conv`."
     bn, conv = m.bn, m.conv
+    # fx, TorchScript tracing and torch.compile record the plain ops (`x` may be a Proxy, whose flags are not bools).
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling(): return False
     if type(bn) not in batchnorm_types: return False # e.g. SyncBatchNorm after `convert_sync_batchnorm`
     if not (bn.training or (bn.running_mean is None and bn.running_var is None)): return False # eval: nothing to save
     if not torch.is_grad_enabled() or not (x.requires_grad or conv.weight.requires_grad or
                                             (conv.bias is not None and conv.bias.requires_grad)): return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return False # graphs record the plain ops
-    return (conv.bias is not None and conv.padding_mode == 'zeros' and conv.groups == conv.in_channels == conv.out_channels
+    if not (conv.bias is not None and conv.padding_mode == 'zeros' and conv.groups == conv.in_channels == conv.out_channels == m.nf
             and all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation)
-            and tuple(conv.padding) == (conv.kernel_size[0]//2,)*m.ndim and x.dim() == m.ndim+2)
+            and tuple(conv.padding) == (conv.kernel_size[0]//2,)*m.ndim): return False
+    # The lean kernels check no sizes: input the plain path would refuse goes there, and fails with its error.
+    if not _plain_accepts(m, x): return False
+    # lean=None: lean without autocast; under autocast the plain path is faster and its extra activation is half-size.
+    return not _autocast_on(x) if m.lean is None else m.lean
 
 def _lean_bnet(m, x):
     "The lean path, with `_BatchNorm.forward`'s bookkeeping (`num_batches_tracked`, momentum=None cumulative average)."
@@ -118,13 +160,13 @@ class BNET(nn.Module):
                  zero:bool=False, # Start as the zero function (kernel and bias 0), for the last norm of a residual branch
                  eps:float=1e-5, # BatchNorm's epsilon
                  momentum:float|None=0.1, # BatchNorm's running-stats momentum (`None`: cumulative average)
-                 lean:bool|None=None, # Train with the memory-lean path (keep only the input for backward); `None`: `defaults.bnet_lean`
+                 lean:bool|None=None, # Training path: `True` lean (keep only the input for backward), `False` plain, `None` lean unless autocast is on; not passed: `defaults.bnet_lean`
                 ):
         super().__init__()
         _check_ks(ks); _check_ndim(ndim)
         if not isinstance(nf, int) or nf < 1: raise ValueError(f"nf must be a positive int, got nf={nf!r}")
         if lean is None: lean = defaults.bnet_lean
-        if not isinstance(lean, bool): raise ValueError(f"lean must be True, False or None, got lean={lean!r}")
+        _check_lean(lean)
         store_attr('nf,ks,ndim,zero,lean')
         self.bn = getattr(nn, f'BatchNorm{ndim}d')(nf, eps=eps, momentum=momentum, affine=False)
         self.conv = getattr(nn, f'Conv{ndim}d')(nf, nf, ks, padding=ks//2, groups=nf, bias=True)
@@ -147,13 +189,21 @@ class BNET(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, x):
-        if self.lean and _lean_applies(self, x): return _lean_bnet(self, x)
+        if _lean_applies(self, x): return _lean_bnet(self, x)
         return self.conv(self.bn(x))
 
     def extra_repr(self):
-        return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + (', lean=True' if self.lean else '')
+        return f'{self.nf}, ks={self.ks}, ndim={self.ndim}' + (', zero=True' if self.zero else '') + ('' if self.lean is None else f', lean={self.lean}')
 
 # %% ../nbs/00_layers.ipynb #d0359050
+def to_like(module:nn.Module, # The module to move
+            ref:nn.Module, # The module whose device and dtype it takes
+           ) -> nn.Module:
+    "`module` on the device and in the dtype of `ref`'s first floating parameter or buffer (unchanged if `ref` has none)."
+    # γ, or without affine the running stats: a BN with neither has no tensors to follow.
+    t = next((t for t in (*ref.parameters(), *ref.buffers()) if t.is_floating_point()), None)
+    return module if t is None else module.to(device=t.device, dtype=t.dtype)
+
 @classmethod
 def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchNorm`
              ks:int=3, # Kernel size of the new BNET
@@ -161,10 +211,7 @@ def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchN
             ) -> BNET:
     "A BNET that computes exactly what `bn` computes, in train and eval mode."
     _check_ks(ks)
-    res = cls(bn.num_features, ks=ks, ndim=bn_ndim(bn, ndim), eps=bn.eps, momentum=bn.momentum)
-    # Device and dtype from γ or, without affine, from the running stats (a BN with neither has no tensors to follow).
-    p = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), None)
-    if p is not None: res.to(device=p.device, dtype=p.dtype)
+    res = to_like(cls(bn.num_features, ks=ks, ndim=bn_ndim(bn, ndim), eps=bn.eps, momentum=bn.momentum), bn)
     res.bn.track_running_stats = bn.track_running_stats
     with torch.no_grad():
         if bn.track_running_stats:
@@ -178,3 +225,9 @@ def _from_bn(cls, bn:nn.Module, # A (trained) `BatchNorm{1,2,3}d` or `SyncBatchN
     return res
 
 BNET.from_bn = _from_bn
+
+# %% ../nbs/00_layers.ipynb #c3f1a2d7
+def bnet_parts(model:nn.Module, # Any model
+              ) -> set: # The `id`s of every BNET's inner norm and conv in `model`
+    "The modules inside `model`'s BNETs, which belong to their BNET: passes that replace or fold norms skip them."
+    return {id(m) for b in model.modules() if isinstance(b, BNET) for m in b.modules() if m is not b}

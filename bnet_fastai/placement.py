@@ -1,4 +1,4 @@
-"""Which layers are BatchNorms, which norm ends each residual branch, and where `bnet_at` puts BNET.
+"""Which norm ends each residual branch, and where `bnet_at` puts BNET.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/placement.html.md"""
 
@@ -9,25 +9,12 @@ from __future__ import annotations
 import sys, warnings
 from collections import namedtuple
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+# The BatchNorm classes live with the layer; importing them here keeps `from bnet_fastai.placement import bn_base` working.
+from .layers import BNET, batchnorm_types, bn_base, bn_ndim, bnet_parts
 
 
 # %% auto #0
-__all__ = ['batchnorm_types', 'bn_base', 'placements', 'NormSite', 'bn_ndim', 'branch_last_norms', 'check_placement', 'bn_sites']
-
-# %% ../nbs/00b_placement.ipynb #e4f51b89
-batchnorm_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) # The plain BatchNorms, for 1, 2 and 3 spatial dims
-bn_base = _BatchNorm # Base class of every BatchNorm: the plain ones, `SyncBatchNorm`, timm's `BatchNormAct2d`, ...
-
-def bn_ndim(bn:nn.Module, # A BatchNorm
-            ndim:int|None=None, # Spatial dims for a BatchNorm whose class does not fix them, e.g. `SyncBatchNorm`
-           ) -> int:
-    "Spatial dims of `bn`, from its class or (for `SyncBatchNorm`, which has none) from `ndim`."
-    for n, cls in enumerate(batchnorm_types, 1):
-        if isinstance(bn, cls): return n
-    if not isinstance(bn, bn_base): raise ValueError(f"expected a BatchNorm1d/2d/3d or SyncBatchNorm, got {type(bn).__name__}")
-    if ndim is None: raise ValueError(f"{type(bn).__name__} does not say its number of spatial dims; pass ndim=1, 2 or 3")
-    return ndim
+__all__ = ['placements', 'NormSite', 'branch_last_norms', 'check_placement', 'bn_sites']
 
 # %% ../nbs/00b_placement.ipynb #c6077767
 # The attribute holding the branch-ending norm, for each known block class by the module that defines it.
@@ -90,8 +77,8 @@ def bn_sites(model:nn.Module, # Any model
     if bnet_at == 'last' and not ends:
         raise ValueError("bnet_at='last' found no residual branch ending in a norm (fastai ResBlock, torchvision or timm "
                          "BasicBlock/Bottleneck, timm ResNestBottleneck); use bnet_at='all'")
-    from bnet_fastai.layers import BNET  # `layers` imports this module, so import it only when needed
-    inside = {id(m) for b in model.modules() if isinstance(b, BNET) for m in b.modules()}
+    parts = bnet_parts(model)
     return [NormSite(f'{pname}.{attr}' if pname else attr, parent, attr, m, id(m) in ends)
-            for pname, parent in model.named_modules() if id(parent) not in inside
-            for attr, m in parent.named_children() if isinstance(m, types) and (bnet_at == 'all' or id(m) in ends)]
+            for pname, parent in model.named_modules() if id(parent) not in parts
+            for attr, m in parent.named_children()
+            if id(m) not in parts and isinstance(m, types) and (bnet_at == 'all' or id(m) in ends)]

@@ -148,13 +148,20 @@ def test_fallbacks_to_plain_path():
     m = random_bnet(4, 3, 2)
     x = torch.randn(3, 4, 6, 6, requires_grad=True)
     ref = plain_train(x, m.conv.weight, m.conv.bias, None, None, 0.1, m.bn.eps)
-    # SyncBatchNorm (after convert_sync_batchnorm) has its own forward: plain path
-    ms = nn.SyncBatchNorm.convert_sync_batchnorm(random_bnet(4, 3, 2))
-    assert isinstance(ms.bn, nn.SyncBatchNorm)
+    # SyncBatchNorm (after convert_sync_batchnorm) has its own forward: plain path, which it computes (no process
+    # group: SyncBatchNorm uses batch statistics like BatchNorm)
+    ms = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    assert isinstance(ms.bn, nn.SyncBatchNorm) and ms.lean is True
+    y = ms(x)
+    assert not is_lean(y); torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for a, e in zip(grads(y, (x, m.conv.weight), g), grads(ref, (x, m.conv.weight), g)): torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    m = random_bnet(4, 3, 2)
+    ref = plain_train(x, m.conv.weight, m.conv.bias, None, None, 0.1, m.bn.eps)
     # lean=False: plain path
     m.lean = False; y = m(x)
     assert not is_lean(y); torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match='lean'): BNET(4, lean='yes')
+    with pytest.raises(ValueError, match="lean must be True, False or None, got lean='yes'"): BNET(4, lean='yes')
 
 def test_default_path_is_a_setting_read_at_build():
     "`defaults.bnet_lean` (fastai's `defaults`) and `lean_bnets()` choose the path that runs, also through a star import."
@@ -163,21 +170,56 @@ def test_default_path_is_a_setting_read_at_build():
     from fastai.vision.all import defaults
     x = torch.randn(3, 4, 6, 6, requires_grad=True)
     old = defaults.bnet_lean
+    assert old is None # the default: lean unless autocast is on
     try:
-        for flag in (True, False):
+        for flag in (True, False, None):
             defaults.bnet_lean = flag
             m = ns['BNET'](4)
-            assert m.lean is flag and is_lean(m(x)) is flag
+            assert m.lean is flag and is_lean(m(x)) is (flag is not False)
         with ns['lean_bnets'](True): inside = ns['BNET'](4)
         with ns['lean_bnets'](False): plain = ns['BNET'](4)
-        assert defaults.bnet_lean is False # restored after the block
-        assert is_lean(inside(x)) and not is_lean(plain(x)) and not is_lean(ns['BNET'](4)(x))
-        with pytest.raises(ValueError, match="lean must be True or False, got lean='yes'"):
+        assert defaults.bnet_lean is None # restored after the block
+        assert is_lean(inside(x)) and not is_lean(plain(x)) and is_lean(ns['BNET'](4)(x))
+        with pytest.raises(ValueError, match="lean must be True, False or None, got lean='yes'"):
             with ns['lean_bnets']('yes'): pass
         with pytest.raises(KeyError):
-            with ns['lean_bnets'](True): raise KeyError('inside') # restored on error too
-        assert defaults.bnet_lean is False
+            with ns['lean_bnets'](False): raise KeyError('inside') # restored on error too
+        assert defaults.bnet_lean is None
     finally: defaults.bnet_lean = old
+    assert 'lean' not in repr(BNET(4)) and 'lean=False' in repr(BNET(4, lean=False))
+
+def saved_count(m, x, cast=None):
+    "How many tensors autograd saves for one forward of `m` (the lean path saves 5: x, weight, bias, mean, 1/σ)."
+    n = []
+    ctx = torch.autocast('cpu', dtype=cast) if cast else torch.autocast('cpu', enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(1) or t, lambda t: t), ctx: m(x)
+    return len(n)
+
+def test_default_is_lean_in_fp32_and_plain_under_autocast():
+    "lean=None decides at each forward: fp32 takes the lean path, CPU bf16 autocast the plain one, as forced paths do."
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    counts = {lean: (saved_count(BNET(8, lean=lean), x), saved_count(BNET(8, lean=lean), x, torch.bfloat16))
+              for lean in (None, True, False)}
+    assert counts[True][0] != counts[False][0] and counts[True][1] != counts[False][1] # the counts tell the paths apart
+    assert counts[None] == (counts[True][0], counts[False][1])
+    m = BNET(8) # the same layer switches between steps
+    assert (saved_count(m, x), saved_count(m, x, torch.bfloat16), saved_count(m, x)) == (counts[True][0], counts[False][1], counts[True][0])
+
+def test_fx_trace_takes_the_plain_path():
+    "torch.fx.symbolic_trace of a model of lean BNETs in train mode records bn then conv, and computes what the model does."
+    from bnet_fastai.models.xresnet import xresnet18
+    torch.manual_seed(0)
+    for lean in (True, None):
+        model = xresnet18(n_out=3, norm='bnet').train()
+        for l in model.modules():
+            if isinstance(l, BNET): l.lean = lean
+        gm = torch.fx.symbolic_trace(model)
+        assert not any(isinstance(mod, BNET) for mod in gm.modules()) # traced through: its bn and conv are leaves
+        x = torch.randn(2, 3, 32, 32, requires_grad=True)
+        y, yt = model(x), gm(x)
+        assert is_lean(y) and not is_lean(yt)
+        torch.testing.assert_close(yt, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads(yt, (x,), torch.ones_like(yt))[0], grads(y, (x,), torch.ones_like(y))[0], atol=1e-5, rtol=1e-4)
 
 def test_half_model_with_fp32_statistics(monkeypatch):
     "A model cast to bf16 without autocast, with BN statistics in fp32 as CUDA's kernel returns them for half input."
