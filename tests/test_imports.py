@@ -67,7 +67,6 @@ def test_graph_reader(tmp_path):
 
 GRAPH = import_graph(root/PKG)
 
-@pytest.mark.xfail(strict=True, reason="layers/placement cycle")
 def test_no_import_cycle():
     assert (cycle := find_cycle(GRAPH)) == [], f"import cycle: {' -> '.join(cycle)}"
 
