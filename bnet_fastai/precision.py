@@ -6,9 +6,10 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/precision.html.md"""
 
 # %% ../nbs/13_precision.ipynb #2ce072fa
 from __future__ import annotations
-import contextlib, copy, platform, statistics, subprocess, sys, time, warnings
+import contextlib, copy, platform, subprocess, sys, time, warnings
 from pathlib import Path
 import torch
+from torch import nn
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import get_random_states, set_random_states
 from .fastai_patches import enable_cpu_amp
@@ -77,36 +78,45 @@ def _needs_graph(opt) -> bool:
     from bnet_fastai.optimizers import needs_create_graph
     return needs_create_graph(opt)
 
-def _step_times(learn, xb, yb, precision:str, n:int) -> list:
-    "Seconds taken by each of `n` training steps of `learn`'s model in `precision` on the batch `(xb, yb)`, with a new optimizer of `learn`'s kind."
+def _trainer(learn, xb, yb, precision:str):
+    "A function that runs one training step of `learn`'s model in `precision` on `(xb, yb)` and returns its seconds; a new optimizer of `learn`'s kind."
     device = xb[0].device
     model = learn.model.to(device).train()
     opt = learn.opt_func(learn.splitter(model), lr=learn.lr)
     graph = _needs_graph(opt)
     cast = (lambda: torch.autocast(device.type, dtype=_dtypes[precision])) if precision != 'fp32' else contextlib.nullcontext
-    res = []
-    for _ in range(n):
+    def step() -> float:
         _sync(device); t = time.perf_counter()
         with cast(): loss = learn.loss_func(model(*xb), *yb)
         loss.backward(create_graph=graph) # fp16's loss scaling, one elementwise pass, is left out of the timing
         opt.step(); opt.zero_grad()
-        _sync(device); res.append(time.perf_counter() - t)
-    return res
+        _sync(device); return time.perf_counter() - t
+    return step
 
 # %% ../nbs/13_precision.ipynb #b1d0e1a4
 def time_precisions(learn, # The `Learner` to measure: its model, loss, optimizer and training data
                     precisions=('fp32', 'bf16'), # Precisions to time: fp32, bf16, fp16
-                    n_steps:int=2, # Timed steps per precision; their median is the result
+                    n_steps:int=2, # Timed steps per precision; the fastest is the result
                     warmup:int=1, # Untimed steps first, per precision (kernel selection, caches)
                    ) -> dict:
     "Seconds per training step of `learn` in each of `precisions`, on one training batch; leaves no trace on `learn` or the random state."
     bad = [p for p in precisions if p not in _dtypes and p != 'fp32']
     if bad: raise ValueError(f"unknown precision {bad[0]!r}; valid here: fp32, bf16, fp16")
     if n_steps < 1 or warmup < 0: raise ValueError(f"n_steps={n_steps}, warmup={warmup}: need n_steps >= 1 and warmup >= 0")
+    if any(nn.parameter.is_lazy(p) for p in learn.model.parameters()):
+        raise ValueError("the model has uninitialised (lazy) parameters, which a measurement would initialise; "
+                         "run one batch through it first, e.g. `learn.model(learn.dls.one_batch()[0])`")
     with preserved(learn):
         b = learn.dls.train.one_batch()
-        xb, yb = b[:learn.dls.n_inp], b[learn.dls.n_inp:]
-        return {p: statistics.median(_step_times(learn, xb, yb, p, warmup + n_steps)[warmup:]) for p in precisions}
+        steps = {p: _trainer(learn, b[:learn.dls.n_inp], b[learn.dls.n_inp:], p) for p in precisions}
+        times = {p: [] for p in precisions}
+        # Interleaved, so that a burst of load from elsewhere slows every precision, not just one
+        for i in range(warmup + n_steps):
+            for p, step in steps.items():
+                t = step()
+                if i >= warmup: times[p].append(t)
+        # The fastest step, as `timeit` reports: slower ones were disturbed by something else
+        return {p: min(ts) for p, ts in times.items()}
 
 # %% ../nbs/13_precision.ipynb #b1d0e1a8
 class PrecisionChoice(tuple):
