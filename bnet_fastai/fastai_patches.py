@@ -73,10 +73,11 @@ def to_best_precision(self, n_steps:int=2, # Timed training steps per precision
                       margin:float|None=None, # Least fraction of fp32's step time bf16 must save (default: `precision.MARGIN`)
                      ):
     "Train in the precision `auto` picks for this `Learner`, measured on its model and data; records it in `precision_choice`."
-    from bnet_fastai.precision import choose_precision, time_precisions, MARGIN # imported late: it imports this module
+    from bnet_fastai.precision import choose_precision, time_precisions, clear_choice, MARGIN # late: it imports this module
     dev = torch.device(getattr(self.dls, 'device', None) or fastai.torch_core.default_device())
-    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup),
-                              margin=MARGIN if margin is None else margin)
+    margin = MARGIN if margin is None else margin
+    stop = lambda t: clear_choice(t, margin) # a clear first round ends the measurement
+    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop), margin=margin)
     self.precision_choice = choice
     self.to_fp32() # drops a `MixedPrecision` added before, so that there is never two
     if choice.precision == 'fp32': return self

@@ -16,7 +16,7 @@ from .fastai_patches import enable_cpu_amp
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'MARGIN', 'cpu_bf16_native', 'cuda_bf16_native', 'preserved', 'time_precisions', 'PrecisionChoice',
-           'pick_precision', 'choose_precision', 'precision_cbs']
+           'pick_precision', 'clear_choice', 'choose_precision', 'precision_cbs']
 
 # %% ../nbs/13_precision.ipynb #07150a67
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -98,6 +98,7 @@ def time_precisions(learn, # The `Learner` to measure: its model, loss, optimize
                     precisions=('fp32', 'bf16'), # Precisions to time: fp32, bf16, fp16
                     n_steps:int=2, # Timed steps per precision; the fastest is the result
                     warmup:int=1, # Untimed steps first, per precision (kernel selection, caches)
+                    stop=None, # `stop(timings) -> bool`, asked after each timed round: `True` ends the measurement early
                    ) -> dict:
     "Seconds per training step of `learn` in each of `precisions`, on one training batch; leaves no trace on `learn` or the random state."
     bad = [p for p in precisions if p not in _dtypes and p != 'fp32']
@@ -115,8 +116,10 @@ def time_precisions(learn, # The `Learner` to measure: its model, loss, optimize
             for p, step in steps.items():
                 t = step()
                 if i >= warmup: times[p].append(t)
-        # The fastest step, as `timeit` reports: slower ones were disturbed by something else
-        return {p: min(ts) for p, ts in times.items()}
+            # The fastest step, as `timeit` reports: slower ones were disturbed by something else
+            res = {p: min(ts) for p, ts in times.items() if ts}
+            if res and stop is not None and stop(res): break
+        return res
 
 # %% ../nbs/13_precision.ipynb #b1d0e1a8
 class PrecisionChoice(tuple):
@@ -153,6 +156,13 @@ def pick_precision(timings:dict, # Seconds per step: fp32's and bf16's
     prec = 'bf16' if t16 < t32 * (1 - margin) else 'fp32'
     note = f" (bf16 saves under {margin:.0%})" if prec == 'fp32' and t16 < t32 else ''
     return PrecisionChoice(prec, f"auto: bf16 {_fmt(t16)} vs fp32 {_fmt(t32)} -> {prec}{note}", timings)
+
+def clear_choice(timings:dict, # Seconds per step so far: fp32's and bf16's
+                 margin:float=MARGIN, # As for `pick_precision`
+                ) -> bool:
+    "Whether `timings` already decide `pick_precision`: bf16 slower than fp32 by over `margin`, or faster by over twice `margin`."
+    t32, t16 = timings['fp32'], timings['bf16']
+    return t16 > t32 * (1 + margin) or t16 < t32 * (1 - 2 * margin)
 
 def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
                      device:str|torch.device|None=None, # Training device (default: CUDA if there is one, else the CPU)

@@ -228,3 +228,14 @@ def test_to_best_precision_without_native(monkeypatch):
     learn.to_best_precision()
     assert learn.precision_choice.precision == 'fp32' and 'AVX512 without' in learn.precision_choice.reason
     assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+
+def test_clear_round_stops_the_probe(monkeypatch):
+    "With `stop=clear_choice` a decisive first timed round ends the measurement: 4 steps instead of 6; a close call takes both rounds."
+    from bnet_fastai.precision import clear_choice
+    for bf16, n in ((0.5, 4), (0.9, 6)):
+        calls = []
+        def trainer(learn, xb, yb, p):
+            def step(): calls.append(p); return {'fp32': 1.0, 'bf16': bf16}[p]
+            return step
+        monkeypatch.setattr(bp, '_trainer', trainer)
+        assert time_precisions(tiny_learner(), stop=clear_choice) == {'fp32': 1.0, 'bf16': bf16} and len(calls) == n
