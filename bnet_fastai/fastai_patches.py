@@ -1,4 +1,4 @@
-"""The one place where bnet_fastai touches fastai: BNET joins fastai's norms, `Learner.create_opt` gives AdaHessian the backward it needs, two fastai 2.8 bugs that raise are fixed, and, only when asked with `enable_cpu_amp()`, `to_bf16()`/`to_fp16()` autocast on the data's device.
+"""Every change importing bnet_fastai makes to fastai, and why: BNET joins fastai's norms, `Learner.create_opt` gives AdaHessian the backward it needs, `Learner.to_best_precision` is added, two fastai 2.8 bugs that raise are fixed; two more changes only when asked.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/fastai_patches.html.md"""
 
@@ -9,14 +9,16 @@ from __future__ import annotations
 import importlib.abc, importlib.util, inspect, random, sys, warnings
 import torch, torch.distributed as dist
 from torch import nn
+from fastcore.basics import patch_to
 import fastai.torch_core
 from fastai.vision.models import xresnet as fx
 from .layers import BNET
 from .placement import batchnorm_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'dl_broadcast', 'dl_rng', 'xsenet154_broken',
-           'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed', 'when_imported', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'to_best_precision', 'dl_broadcast', 'dl_rng',
+           'xsenet154_broken', 'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed',
+           'enable_sync_bn_norms', 'when_imported', 'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval=True)->None:
@@ -65,6 +67,23 @@ def learner_create_opt(self):
     if needs_create_graph(self.opt) and not any(isinstance(cb, HessianBackward) or cb.name == 'hessian_backward' for cb in self.cbs):
         self.add_cb(HessianBackward())
 
+# %% ../nbs/03_fastai_patches.ipynb #c0a1b2d2
+def to_best_precision(self, n_steps:int=2, # Timed training steps per precision
+                      warmup:int=1, # Untimed steps first, per precision
+                      margin:float|None=None, # Least fraction of fp32's step time bf16 must save (default: `precision.MARGIN`)
+                     ):
+    "Train in the precision `auto` picks for this `Learner`, measured on its model and data; records it in `precision_choice`."
+    from bnet_fastai.precision import choose_precision, time_precisions, clear_choice, MARGIN # late: it imports this module
+    dev = torch.device(getattr(self.dls, 'device', None) or fastai.torch_core.default_device())
+    margin = MARGIN if margin is None else margin
+    stop = lambda t: clear_choice(t, margin) # a clear first round ends the measurement
+    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop), margin=margin)
+    self.precision_choice = choice
+    self.to_fp32() # drops a `MixedPrecision` added before, so that there is never two
+    if choice.precision == 'fp32': return self
+    if dev.type != 'cuda': enable_cpu_amp()
+    return self.to_bf16() if choice.precision == 'bf16' else self.to_fp16()
+
 # %% ../nbs/03_fastai_patches.ipynb #9adeabbd
 def dl_broadcast(self, t:list, rank:int) -> list:
     "Broadcast the list `t` from `rank`, on CUDA for nccl and on the CPU for other backends."
@@ -108,6 +127,13 @@ def _add_norm_types(*types):
     tc = fastai.torch_core
     tc.norm_types = tuple(tc.norm_types) + tuple(t for t in types if t not in tc.norm_types)
 
+def enable_sync_bn_norms(enable:bool=True, # `False` takes `nn.SyncBatchNorm` out of fastai's norms again
+                        ):
+    "Opt in: count PyTorch's `SyncBatchNorm` among fastai's `norm_types`, as BatchNorm is."
+    tc = fastai.torch_core
+    if enable: _add_norm_types(nn.SyncBatchNorm)
+    else: tc.norm_types = tuple(t for t in tc.norm_types if t is not nn.SyncBatchNorm)
+
 class _AfterImport(importlib.abc.MetaPathFinder):
     "Call `fn(module)` right after module `name` is first imported, so patching it never imports it early."
     def __init__(self, name, fn): self.name, self.fn = name, fn
@@ -133,12 +159,14 @@ def _patch_training(tr):
 def _patch_learner(lm):
     _originals.setdefault('Learner.create_opt', lm.Learner.create_opt)
     lm.Learner.create_opt = learner_create_opt
+    patch_to(lm.Learner)(to_best_precision)
 
 def apply_patches():
-    "Install every patch in the table above, each only where fastai needs it. Safe to call again."
-    _add_norm_types(BNET, nn.SyncBatchNorm)
+    "Install every patch in the table above that applies on import, each only where fastai needs it. Safe to call again."
+    _add_norm_types(BNET)
     when_imported('fastai.callback.training', _patch_training)
     when_imported('fastai.learner', _patch_learner)
     if xsenet154_broken(_originals.setdefault('xsenet154', fx.xsenet154)): fx.xsenet154 = fastai_xsenet154
     when_imported('fastai.distributed', patch_distributed)
-    when_imported('bnet_fastai.distributed', lambda m: _add_norm_types(*m.sync_bn_types))
+    # bnet_fastai's own class, in no model fastai builds; PyTorch's SyncBatchNorm only through `enable_sync_bn_norms`
+    when_imported('bnet_fastai.distributed', lambda m: _add_norm_types(m.CPUSyncBatchNorm))

@@ -1,4 +1,4 @@
-"""Which precision to train in: bf16 where the hardware computes it natively, fp32 elsewhere.
+"""Which precision to train in: measured where the hardware computes bf16 natively, fp32 elsewhere.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/precision.html.md"""
 
@@ -6,32 +6,169 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/precision.html.md"""
 
 # %% ../nbs/13_precision.ipynb #2ce072fa
 from __future__ import annotations
-import warnings
+import contextlib, copy, platform, subprocess, sys, time, warnings
+from pathlib import Path
 import torch
+from torch import nn
 from fastai.callback.fp16 import MixedPrecision
+from fastai.torch_core import get_random_states, set_random_states
 from .fastai_patches import enable_cpu_amp
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'cpu_bf16_native', 'cuda_bf16_native', 'choose_precision', 'precision_cbs']
+__all__ = ['PRECISIONS', 'MARGIN', 'cpu_bf16_native', 'cuda_bf16_native', 'preserved', 'time_precisions', 'PrecisionChoice',
+           'pick_precision', 'clear_choice', 'choose_precision', 'precision_cbs']
 
 # %% ../nbs/13_precision.ipynb #07150a67
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
+def _arm() -> bool: return platform.machine().lower() in ('arm64', 'aarch64')
+
+def _arm_bf16() -> bool:
+    "Whether this Arm CPU has the BF16 extension: `bf16` in Linux's /proc/cpuinfo Features, or macOS's `FEAT_BF16`."
+    if platform.system() == 'Darwin':
+        try: return subprocess.run(['sysctl', '-n', 'hw.optional.arm.FEAT_BF16'], capture_output=True, text=True, timeout=5).stdout.strip() == '1'
+        except (OSError, subprocess.SubprocessError): return False
+    try: lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError: return False
+    return any(k.strip() == 'Features' and 'bf16' in v.split() for k, _, v in (l.partition(':') for l in lines))
+
 def cpu_bf16_native() -> bool:
-    "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    "Whether this CPU computes bf16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on Arm."
+    if _arm(): return _arm_bf16()
+    # Not oneDNN's `_is_mkldnn_bf16_supported`: it is true on every AVX512 CPU, including those that emulate bf16.
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 def cuda_bf16_native() -> bool:
     "Whether the current CUDA device computes bf16 natively (Ampere and later), not through emulation."
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
+# %% ../nbs/13_precision.ipynb #b1d0e1a2
+@contextlib.contextmanager
+def preserved(learn):
+    "Restore on exit `learn`'s model (weights, buffers, modes, gradients, device), optimizer, callbacks, the random generators and each loader's `rng`."
+    model, opt, cbs = learn.model, learn.opt, list(learn.cbs)
+    state = copy.deepcopy(model.state_dict()) # weights, BN running statistics and `num_batches_tracked`
+    modes = [m.training for m in model.modules()]
+    params = list(model.parameters())
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    device = params[0].device if params else None
+    rand = get_random_states() # Python, NumPy, torch and CUDA generators
+    # fastai's DataLoader re-seeds `rng` from itself on every iteration, so drawing a batch moves it on
+    rngs = [dl.rng.getstate() for dl in learn.dls.loaders]
+    try: yield
+    finally:
+        if device is not None: model.to(device) # in place: the parameters stay the objects the optimizer holds
+        model.load_state_dict(state)
+        for m, t in zip(model.modules(), modes): m.training = t
+        for p, g in zip(params, grads): p.grad = g
+        set_random_states(**rand)
+        for dl, s in zip(learn.dls.loaders, rngs): dl.rng.setstate(s)
+        learn.remove_cbs([cb for cb in learn.cbs if cb not in cbs])
+        learn.opt = opt
+
+# %% ../nbs/13_precision.ipynb #b1d0e1a3
+_dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+def _sync(device:torch.device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+def _needs_graph(opt) -> bool:
+    # Only pytorch_optimizer's AdaHessian needs the gradients' graph; until that library is imported nothing can.
+    if 'pytorch_optimizer' not in sys.modules: return False
+    from bnet_fastai.optimizers import needs_create_graph
+    return needs_create_graph(opt)
+
+def _trainer(learn, xb, yb, precision:str):
+    "A function that runs one training step of `learn`'s model in `precision` on `(xb, yb)` and returns its seconds; a new optimizer of `learn`'s kind."
+    device = xb[0].device
+    model = learn.model.to(device).train()
+    opt = learn.opt_func(learn.splitter(model), lr=learn.lr)
+    graph = _needs_graph(opt)
+    cast = (lambda: torch.autocast(device.type, dtype=_dtypes[precision])) if precision != 'fp32' else contextlib.nullcontext
+    def step() -> float:
+        _sync(device); t = time.perf_counter()
+        with cast(): loss = learn.loss_func(model(*xb), *yb)
+        loss.backward(create_graph=graph) # fp16's loss scaling, one elementwise pass, is left out of the timing
+        opt.step(); opt.zero_grad()
+        _sync(device); return time.perf_counter() - t
+    return step
+
+# %% ../nbs/13_precision.ipynb #b1d0e1a4
+def time_precisions(learn, # The `Learner` to measure: its model, loss, optimizer and training data
+                    precisions=('fp32', 'bf16'), # Precisions to time: fp32, bf16, fp16
+                    n_steps:int=2, # Timed steps per precision; the fastest is the result
+                    warmup:int=1, # Untimed steps first, per precision (kernel selection, caches)
+                    stop=None, # `stop(timings) -> bool`, asked after each timed round: `True` ends the measurement early
+                   ) -> dict:
+    "Seconds per training step of `learn` in each of `precisions`, on one training batch; leaves no trace on `learn` or the random state."
+    bad = [p for p in precisions if p not in _dtypes and p != 'fp32']
+    if bad: raise ValueError(f"unknown precision {bad[0]!r}; valid here: fp32, bf16, fp16")
+    if n_steps < 1 or warmup < 0: raise ValueError(f"n_steps={n_steps}, warmup={warmup}: need n_steps >= 1 and warmup >= 0")
+    if any(nn.parameter.is_lazy(p) for p in learn.model.parameters()):
+        raise ValueError("the model has uninitialised (lazy) parameters, which a measurement would initialise; "
+                         "run one batch through it first, e.g. `learn.model(learn.dls.one_batch()[0])`")
+    with preserved(learn):
+        b = learn.dls.train.one_batch()
+        steps = {p: _trainer(learn, b[:learn.dls.n_inp], b[learn.dls.n_inp:], p) for p in precisions}
+        times = {p: [] for p in precisions}
+        # Interleaved, so that a burst of load from elsewhere slows every precision, not just one
+        for i in range(warmup + n_steps):
+            for p, step in steps.items():
+                t = step()
+                if i >= warmup: times[p].append(t)
+            # The fastest step, as `timeit` reports: slower ones were disturbed by something else
+            res = {p: min(ts) for p, ts in times.items() if ts}
+            if res and stop is not None and stop(res): break
+        return res
+
+# %% ../nbs/13_precision.ipynb #b1d0e1a8
+class PrecisionChoice(tuple):
+    "`(precision, reason)` as `choose_precision` returns it; `timings` holds the seconds per step it measured ({} if none)."
+    def __new__(cls, precision:str, reason:str, timings:dict|None=None):
+        res = super().__new__(cls, (precision, reason))
+        res.timings = dict(timings or {})
+        return res
+    precision, reason = property(lambda self: self[0]), property(lambda self: self[1])
+    def __getnewargs__(self): return self[0], self[1], self.timings
+    def __repr__(self): return f"PrecisionChoice({self[0]!r}, {self[1]!r}, timings={self.timings!r})"
+    def as_dict(self) -> dict:
+        "A JSON-ready record; `PrecisionChoice(**d)` rebuilds it (e.g. on resume)."
+        return {'precision': self[0], 'reason': self[1], 'timings': self.timings}
+
 # %% ../nbs/13_precision.ipynb #af9845a4
+MARGIN = 0.10 # bf16 must save at least this fraction of fp32's step time, or fp32 is kept
+
 def _device(device) -> torch.device:
     return torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
 
+def _no_native(where:str, cuda:bool) -> str:
+    if not cuda and not _arm() and torch.cpu._is_avx512_supported():
+        return f"auto: {where} has no native bf16 (AVX512 without AVX512-BF16 or AMX emulates it)"
+    return f"auto: {where} has no native bf16"
+
+def _fmt(s:float) -> str: return f"{s:.3g} s/step"
+
+def pick_precision(timings:dict, # Seconds per step: fp32's and bf16's
+                   margin:float=MARGIN, # Least fraction of fp32's time that bf16 must save
+                  ) -> PrecisionChoice:
+    "bf16 if its step is faster than fp32's by more than `margin`, else fp32, with the timings as the reason."
+    t32, t16 = timings['fp32'], timings['bf16']
+    prec = 'bf16' if t16 < t32 * (1 - margin) else 'fp32'
+    note = f" (bf16 saves under {margin:.0%})" if prec == 'fp32' and t16 < t32 else ''
+    return PrecisionChoice(prec, f"auto: bf16 {_fmt(t16)} vs fp32 {_fmt(t32)} -> {prec}{note}", timings)
+
+def clear_choice(timings:dict, # Seconds per step so far: fp32's and bf16's
+                 margin:float=MARGIN, # As for `pick_precision`
+                ) -> bool:
+    "Whether `timings` already decide `pick_precision`: bf16 slower than fp32 by over `margin`, or faster by over twice `margin`."
+    t32, t16 = timings['fp32'], timings['bf16']
+    return t16 > t32 * (1 + margin) or t16 < t32 * (1 - 2 * margin)
+
 def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
                      device:str|torch.device|None=None, # Training device (default: CUDA if there is one, else the CPU)
-                    ) -> tuple[str, str]:
+                     probe=None, # `probe(precisions) -> {precision: seconds_per_step}`, e.g. `time_precisions` on a `Learner`
+                     margin:float=MARGIN, # Least fraction of fp32's step time that bf16 must save for `auto` to take it
+                    ) -> PrecisionChoice:
     "The precision to train in on `device` and why, as `(precision, reason)`; a `ValueError` where it cannot run."
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid precisions: {', '.join(PRECISIONS)}")
@@ -40,15 +177,17 @@ def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
     where = torch.cuda.get_device_name(dev) if cuda else 'this CPU'
     native = cuda_bf16_native() if cuda else cpu_bf16_native()
     if precision == 'auto':
-        return ('bf16', f"auto: {where} has native bf16") if native else ('fp32', f"auto: {where} has no native bf16")
+        if not native: return PrecisionChoice('fp32', _no_native(where, cuda))
+        if probe is None: return PrecisionChoice('bf16', f"auto: {where} has native bf16 (not measured)")
+        return pick_precision(probe(['fp32', 'bf16']), margin)
     if precision == 'bf16' and not native:
         # An emulated-only GPU is slow or fails in cuDNN; an emulating CPU is exact, only slower than fp32.
         if cuda: raise ValueError(f"bf16 on {where} is emulated only (no native bf16 units); use precision fp16 or fp32")
-        warnings.warn(f"bf16 on {where} is emulated (no AVX512-BF16 or AMX): results are right, but slower than fp32")
-        return 'bf16', f"asked; emulated on {where}"
+        warnings.warn(f"bf16 on {where} is emulated (no AVX512-BF16, AMX or Arm BF16): results are right, but slower than fp32")
+        return PrecisionChoice('bf16', f"asked; emulated on {where}")
     if precision == 'fp16' and not cuda:
         raise ValueError("fp16 mixed precision needs a CUDA device; on a CPU use precision bf16 or fp32")
-    return precision, 'asked'
+    return PrecisionChoice(precision, 'asked')
 
 # %% ../nbs/13_precision.ipynb #7efa221d
 def precision_cbs(precision:str, # A precision `choose_precision` returned: fp32, bf16 or fp16

@@ -1,4 +1,4 @@
-"The fastai contract: importing bnet_fastai changes nothing unasked, every name shared with fastai is a superset, every arch trains from the command line, and fastai's learners take BNET models."
+"The fastai contract: importing bnet_fastai changes exactly what the patches table lists and no fastai behaviour checked here, every name shared with fastai is a superset, every arch trains from the command line, and fastai's learners take BNET models."
 import inspect, json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
@@ -162,6 +162,128 @@ def test_import_changes_nothing(tmp_path):
     plain, ours = res
     assert plain['pickle'].startswith('fastai.vision.models.xresnet XResNet') and plain['pickle'].endswith('False')
     assert 'ProgressCallback' not in plain['callbacks']
+    assert ours == plain
+
+# ---- every change the import makes, derived, against the patches page's table -----------------------------------
+
+CHANGES = textwrap.dedent(r"""
+    import json, sys
+    import fastai.vision.all, fastai.distributed, fastai.callback.training, fastai.learner, fastai.callback.fp16
+    import fastai.torch_core as tc
+
+    def snap():
+        "Every attribute of every fastai module and of every class a fastai module defines, as (owner, name) -> object."
+        res = {}
+        for name, mod in list(sys.modules.items()):
+            if not name.startswith('fastai') or mod is None: continue
+            for k, v in list(vars(mod).items()):
+                res[(name, k)] = v
+                if isinstance(v, type) and v.__module__ == name:
+                    for a, w in list(vars(v).items()): res[(f'{name}.{k}', a)] = w
+        return res
+
+    def diff(before, after, nt_before, nt_after):
+        owners = {o for o, _ in before}
+        res = [[f'{o}.{k}', 'replaced'] for (o, k), v in before.items() if (o, k) in after and after[(o, k)] is not v]
+        res += [[f'{o}.{k}', 'added'] for (o, k) in after if (o, k) not in before and o in owners]
+        res = [r for r in res if r[0] != 'fastai.torch_core.norm_types']
+        return res + [['fastai.torch_core.norm_types', 'adds ' + t.__name__] for t in nt_after if t not in nt_before]
+
+    def defaults(): return {k: repr(v) for k, v in vars(tc.defaults).items()}
+    def defaults_diff(d0, d1): # fastai's settings object: the same object, so its entries are compared
+        return [[f'fastai.torch_core.defaults.{k}', 'added' if k not in d0 else 'replaced'] for k in d1 if d0.get(k) != d1[k]]
+    out = {}
+    before, nt, dflt = snap(), tc.norm_types, defaults()
+    import bnet_fastai
+    mid, nt_mid, dflt_mid = snap(), tc.norm_types, defaults()
+    out['import'] = diff(before, mid, nt, nt_mid) + defaults_diff(dflt, dflt_mid)
+    import bnet_fastai.all
+    after, nt_after, dflt_after = snap(), tc.norm_types, defaults()
+    out['import_all'] = diff(mid, after, nt_mid, nt_after) + defaults_diff(dflt_mid, dflt_after)
+    bnet_fastai.fastai_patches.enable_cpu_amp(); bnet_fastai.fastai_patches.enable_sync_bn_norms()
+    out['opt_in'] = diff(after, snap(), nt_after, tc.norm_types) + defaults_diff(dflt_after, defaults())
+    print(json.dumps(out))
+""")
+
+HOOKS = textwrap.dedent(r"""
+    import json, sys
+    mp = list(sys.meta_path)
+    import bnet_fastai
+    # bnet_fastai's hooks; a library imported on the way may add its own (six does), which changes nothing of fastai
+    added = [f for f in sys.meta_path if f not in mp and type(f).__module__.startswith('bnet_fastai')]
+    names = [f.name for f in added]
+    import fastai.callback.training, fastai.learner
+    print(json.dumps({'hooks': names, 'left_after_training': [f.name for f in sys.meta_path if f in added],
+                      'set_bn_eval': fastai.callback.training.set_bn_eval.__module__,
+                      'patched': fastai.learner.Learner.create_opt.__module__}))
+""")
+
+def _run_json(script, tmp_path, name):
+    f = tmp_path/name; f.write_text(script)
+    r = subprocess.run([sys.executable, str(f)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+def patches_table():
+    "The rows of the patches page's table: (changed, change, when)."
+    nb = json.loads((root/'nbs'/'03_fastai_patches.ipynb').read_text())
+    md = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown' and '| changed | change | when | why |' in ''.join(c['source']))
+    rows = [l.strip().strip('|').split('|') for l in md.splitlines() if l.startswith('| `')]
+    return [tuple(c.strip() for c in r[:3]) for r in rows]
+
+def _ticked(s): return [t.strip('`') for t in s.split('`')[1::2]]
+
+def expected(rows):
+    "The changes the table claims, in the form the subprocess derives them."
+    res = set()
+    for changed, change, when in rows:
+        target = _ticked(changed)[0]
+        if target == 'fastai.torch_core.norm_types': res.add((target, 'adds ' + _ticked(change)[0].split('.')[-1]))
+        elif target == 'sys.meta_path': res |= {(target, m) for m in _ticked(change)}
+        else: res.add((target, 'replaced' if change.startswith('replaced') else 'added'))
+    return res
+
+def test_patches_table_is_every_change(tmp_path):
+    "Comparing fastai before and after the import, in a fresh process, finds exactly the table's changes; its opt-in rows come only when asked."
+    rows = patches_table()
+    got = _run_json(CHANGES, tmp_path, 'changes.py')
+    on_import = [r for r in rows if not r[2].startswith('opt-in')]
+    assert {tuple(c) for c in got['import']} == expected([r for r in on_import if 'bnet_fastai.distributed' not in r[2] and r[0] != '`sys.meta_path`'])
+    assert {tuple(c) for c in got['import_all']} == expected([r for r in on_import if 'bnet_fastai.distributed' in r[2]])
+    assert {tuple(c) for c in got['opt_in']} == expected([r for r in rows if r[2].startswith('opt-in')])
+    # The import hooks: one per patched module not yet imported, each gone once its module is imported
+    hooks = _run_json(HOOKS, tmp_path, 'hooks.py')
+    assert {('sys.meta_path', h) for h in hooks['hooks']} == expected([r for r in rows if r[0] == '`sys.meta_path`'])
+    assert 'fastai.callback.training' in hooks['hooks'] and 'fastai.callback.training' not in hooks['left_after_training']
+    assert hooks['set_bn_eval'] == hooks['patched'] == 'bnet_fastai.fastai_patches'
+
+SYNC_BN = textwrap.dedent(r"""
+    import json, sys
+    from fastai.basics import *
+    if sys.argv[1] == '1': import bnet_fastai.all
+    torch.manual_seed(0)
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)))
+    dls = DataLoaders.from_dsets([(torch.randn(3, 3, 3), 0)] * 4, bs=2, device='cpu')
+    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), wd=0.1, wd_bn_bias=False, train_bn=True)
+    learn.create_opt()
+    learn.opt.set_hypers(wd=learn.wd) # as `fit` does
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = [[names[id(p)] for p in g] for g in learn.opt.param_lists]
+    # the decay each parameter gets: its group's `wd`, unless fastai marked it `do_wd=False`
+    wd = {names[id(p)]: h['wd'] if learn.opt.state[p].get('do_wd', True) else 0. for g, h in zip(learn.opt.param_lists, learn.opt.hypers) for p in g}
+    print(json.dumps({'groups': groups, 'wd': wd, 'force_train': {names[id(p)]: learn.opt.state[p].get('force_train', False) for p in net.parameters()}}))
+""")
+
+def test_sync_bn_model_keeps_fastai_weight_decay(tmp_path):
+    "A plain fastai Learner on a SyncBatchNorm model: same param groups, weight decay and `train_bn` flags with and without the import."
+    f = tmp_path/'sync_bn.py'; f.write_text(SYNC_BN)
+    res = []
+    for flag in ('0', '1'):
+        r = subprocess.run([sys.executable, str(f), flag], env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    plain, ours = res
+    assert plain['wd'] == {'0.weight': 0.1, '0.bias': 0., '1.weight': 0.1, '1.bias': 0., '4.weight': 0.1, '4.bias': 0.} # fastai: a SyncBatchNorm is no norm
     assert ours == plain
 
 def test_xsenet154_fixed():
