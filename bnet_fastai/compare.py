@@ -14,7 +14,7 @@ from scipy import stats
 __all__ = ['figures', 't_interval', 'paired', 'Diff', 'paired_diff', 'loss_spike', 'verdicts', 'final_accuracies',
            'default_target', 'epoch_reached', 'time_to_epoch', 'convergence', 'stability', 'convergence_sentences',
            'verdict_markdown', 'convergence_markdown', 'stability_markdown', 'comparison_markdown', 'comparison_lines',
-           'mark_convergence', 'plot_convergence']
+           'load_runs', 'mark_convergence', 'plot_convergence']
 
 # %% ../nbs/14_compare.ipynb #a4ed6796
 def t_interval(xs, # Values, e.g. per-seed differences between two norms
@@ -304,20 +304,40 @@ def comparison_lines(results:dict, # norm → list of metrics dicts, one per see
                for n, r in st.iterrows()]
             + [f"stability: {d.sentence()}" for d in ds if d.figure == 'loss_spike'])
 
-# %% ../nbs/14_compare.ipynb #ac293a3e
+# %% ../nbs/14_compare.ipynb #6f31f856
+def load_runs(out, # A `bnet-train` output folder: config.json, then <norm>_s<seed>/metrics.json and history.csv
+             ) -> tuple: # (results, histories, seeds): norm → metrics dicts, norm → history DataFrames, norm → seeds
+    "The finished runs of a `bnet-train` output folder, per norm in seed order; a run without `metrics.json` is left out."
+    import json
+    from pathlib import Path
+    out = Path(out)
+    if not (out/'config.json').exists(): raise ValueError(f"{out} holds no config.json: pass the folder given to bnet-train as out")
+    cfg = json.loads((out/'config.json').read_text())
+    results, histories, seeds = {}, {}, {}
+    for n in cfg['norms']:
+        done = [s for s in cfg['seeds'] if (out/f'{n}_s{s}'/'metrics.json').exists()]
+        results[n] = [json.loads((out/f'{n}_s{s}'/'metrics.json').read_text()) for s in done]
+        histories[n] = [pd.read_csv(out/f'{n}_s{s}'/'history.csv') for s in done]
+        seeds[n] = done
+    return results, histories, seeds
+
+# %% ../nbs/14_compare.ipynb #44d6afaa
 def mark_convergence(ax, # The accuracy panel, e.g. `plot_curves`' right-hand axes
                      conv:pd.DataFrame, # From `convergence`
                      scale:float=100, # What the panel multiplies accuracy by (100: percent)
                      colors:dict|None=None, # norm → colour; default matplotlib's cycle 'C0', 'C1', ... in `conv`'s order, as `plot_curves`
                     ):
     "Mark the target accuracy on `ax`, and where each norm reaches it (mean epoch, std as a bar; a hollow marker if some seeds never do)."
+    from matplotlib.transforms import offset_copy
     t = conv.attrs['target'] * scale
     ax.axhline(t, color='grey', ls='--', lw=1, label=f"target {conv.attrs['target']:.1%}")
     for i, (n, r) in enumerate(conv.iterrows()):
         c = (colors or {}).get(n, f'C{i}')
         if not r.reached: continue
+        # a few points apart vertically, so norms reaching it at the same epoch stay visible
+        tr = offset_copy(ax.transData, fig=ax.figure, y=8 * (i - (len(conv) - 1)/2), units='points')
         ax.errorbar(r.epoch, t, xerr=None if np.isnan(r.epoch_std) else r.epoch_std, marker='D', ms=8, color=c, capsize=4,
-                    mfc='none' if r.never else c, ls='none', zorder=5, label=f"{n} reaches it ({r.reached}/{r.runs})")
+                    mfc='none' if r.never else c, ls='none', zorder=5, transform=tr, label=f"{n} reaches it ({r.reached}/{r.runs})")
     ax.legend()
     return ax
 

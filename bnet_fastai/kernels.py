@@ -45,7 +45,7 @@ def bnet_kernel_summary(model:nn.Module, # Any model holding BNET layers: built 
     "What each BNET's depthwise kernel has learned: its share of absolute weight off the centre tap, its centre and bias."
     ls = bnet_layers(model)
     if not ls: raise ValueError(f"{type(model).__name__} holds no BNET layer: build it with norm='bnet' (or 'bnet5', ...) or convert it with `convert_to_bnet`")
-    rows = [dict(layer=i, name=n, ks=b.ks, nf=b.nf, zero_init=b.zero, **kernel_stats(b)) for i, (n, b) in enumerate(ls, 1)]
+    rows = [dict(layer=i, name=n, ks=b.ks, ndim=b.ndim, nf=b.nf, zero_init=b.zero, **kernel_stats(b)) for i, (n, b) in enumerate(ls, 1)]
     return pd.DataFrame(rows).assign(part=_parts(model, [n for n, _ in ls]))
 
 # %% ../nbs/15_kernels.ipynb #fb692dcf
@@ -73,23 +73,27 @@ def kernel_line(summary:pd.DataFrame, # From `bnet_kernel_summary`
 def plot_bnet_kernels(summaries:dict, # label (e.g. 'bnet', 'bnet5') → a model with BNETs or its `bnet_kernel_summary`
                       fname=None, # PNG to write; `None` leaves the figure open and returns it
                      ):
-    "Off-centre share of each BNET kernel across depth, one panel per model; zero-initialised (branch-ending) layers hatched."
+    "Off-centre share of each BNET kernel across depth (log scale), one panel per model; layers that start at zero hatched."
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import FuncFormatter
     from matplotlib.patches import Patch
     if not isinstance(summaries, dict) or not summaries:
         raise ValueError(f"summaries must be a non-empty dict label → model or summary, like {{'bnet': model}}; got {type(summaries).__name__}")
     sums = {k: v if isinstance(v, pd.DataFrame) else bnet_kernel_summary(v) for k, v in summaries.items()}
-    fig, axs = plt.subplots(len(sums), 1, figsize=(max(6, 0.3 * max(map(len, sums.values())) + 2), 3.2 * len(sums)), squeeze=False)
+    fig, axs = plt.subplots(len(sums), 1, figsize=(max(7, 0.3 * max(map(len, sums.values())) + 4), 3.2 * len(sums)), squeeze=False)
     colors = {'stem': 'C1', 'block': 'C0', 'head': 'C2', 'layer': 'C0'}
     for ax, (k, s) in zip(axs[:, 0], sums.items()):
-        ax.bar(s.layer, s.off_centre * 100, color=[colors[p] for p in s.part], hatch=None, edgecolor='k', lw=0.3)
-        for _, r in s[s.zero_init].iterrows():
-            ax.bar(r.layer, r.off_centre * 100, color='none', hatch='///', edgecolor='k', lw=0)
+        # log scale: trained identity-start kernels move by a few percent, zero-start ones sit near an even spread
+        ax.bar(s.layer, s.off_centre * 100, color=[colors[p] for p in s.part], edgecolor='k', lw=0.3,
+               hatch=['///' if z else '' for z in s.zero_init])
+        for q, nd in sorted({(q, nd) for q, nd in zip(s.ks, s['ndim']) if q > 1}):
+            ax.axhline(100 * (1 - 1/q**nd), color='grey', ls='--', lw=1, label=f"spread evenly over {'×'.join([str(q)]*nd)}")
+        ax.set_yscale('log'); ax.set_ylim(0.01, 100)
         ax.set(xlabel='BNET layer (depth order)', ylabel='weight off-centre', title=kernel_line(s, k), xticks=s.layer)
-        ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f'{y:g}%'))
         ax.legend(handles=[Patch(color=colors[p], label=p) for p in dict.fromkeys(s.part)] +
-                  ([Patch(facecolor='none', hatch='///', label='starts at zero')] if s.zero_init.any() else []), fontsize=8)
+                  ([Patch(facecolor='none', hatch='///', label='starts at zero')] if s.zero_init.any() else []) +
+                  ax.get_legend_handles_labels()[0], fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     if fname is None: return fig
     fig.savefig(fname, dpi=100); plt.close(fig)
