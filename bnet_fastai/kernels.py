@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/kernels.html.md"""
 
 # %% ../nbs/15_kernels.ipynb #3e7285c0
 from __future__ import annotations
-import numpy as np, pandas as pd, torch
+import pandas as pd, torch
 from torch import nn
 from .layers import BNET
 from .placement import _block_finders
@@ -32,13 +32,13 @@ def _parts(model:nn.Module, names:list) -> list:
 # %% ../nbs/15_kernels.ipynb #7d803bbe
 def kernel_stats(b:BNET) -> dict:
     "Off-centre share of the kernel's absolute weight (0 for an all-zero kernel), mean centre tap, mean |off-centre tap|, mean bias."
-    w = b.conv.weight.detach().float().flatten(1) # (C, k**ndim): one row per channel
+    w = b.conv.weight.detach().double().flatten(1) # (C, k**ndim): one row per channel
     c = (w.shape[1] - 1) // 2 # the centre tap of an odd kernel, flattened
-    tot, cen = w.abs().sum().item(), w[:, c].abs().sum().item()
-    off = np.delete(w.numpy(), c, axis=1) if w.shape[1] > 1 else np.zeros((w.shape[0], 0))
-    return dict(off_centre=(tot - cen) / tot if tot > 0 else 0., centre_mean=w[:, c].mean().item(),
-                off_abs_mean=float(np.abs(off).mean()) if off.size else 0., bias_mean=b.conv.bias.detach().float().mean().item(),
-                weight_abs=tot)
+    off = torch.cat([w[:, :c], w[:, c+1:]], 1).abs() # summed apart from the centre, so a BN-like kernel gives exactly 0
+    cen, o = w[:, c].abs().sum().item(), off.sum().item()
+    return dict(off_centre=o / (o + cen) if o + cen > 0 else 0., centre_mean=w[:, c].mean().item(),
+                off_abs_mean=off.mean().item() if off.numel() else 0., bias_mean=b.conv.bias.detach().double().mean().item(),
+                weight_abs=o + cen)
 
 def bnet_kernel_summary(model:nn.Module, # Any model holding BNET layers: built with a BNET norm, or from `convert_to_bnet`
                        ) -> pd.DataFrame: # One row per BNET in depth order
