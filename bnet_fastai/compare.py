@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 from scipy import stats
 
 # %% auto #0
-__all__ = ['figures', 't_interval', 'paired', 'Diff', 'paired_diff', 'loss_spike', 'verdicts', 'final_accuracies',
+__all__ = ['diff_figures', 't_interval', 'paired', 'Diff', 'paired_diff', 'loss_spike', 'verdicts', 'final_accuracies',
            'default_target', 'epoch_reached', 'time_to_epoch', 'convergence', 'stability', 'convergence_sentences',
            'verdict_markdown', 'convergence_markdown', 'stability_markdown', 'comparison_markdown', 'comparison_lines',
            'load_runs', 'mark_convergence', 'plot_convergence']
@@ -56,7 +56,7 @@ def paired(values:dict, # norm → one value per run, in seed order
 
 # %% ../nbs/14_compare.ipynb #a4ea80e6
 # How each compared figure reads: its label, the scale and unit it is shown in, and the phrase for norm above / below base.
-figures = {
+diff_figures = {
     'accuracy':   dict(label='accuracy', scale=100, unit=' points', fmt='.2f',
                        up="{n} ahead of {b} in accuracy by {v}", down="{n} behind {b} in accuracy by {v}"),
     'valid_loss': dict(label='valid loss', scale=1, unit='', fmt='.4f',
@@ -72,7 +72,7 @@ class Diff:
     "The paired difference `norm` − `base` in one figure over the seeds both ran, with its Student's t interval."
     norm:str # The norm compared
     base:str # The baseline
-    figure:str # A key of `figures`: 'accuracy', 'valid_loss' or 'loss_spike'
+    figure:str # A key of `diff_figures`: 'accuracy', 'valid_loss' or 'loss_spike'
     seeds:list # The seeds both norms ran
     mean:float|None # Mean difference, in the figure's scale (accuracy in points); `None` without a common seed
     low:float|None=None # Interval bounds; `None` with fewer than two seeds
@@ -88,7 +88,7 @@ class Diff:
 
     def sentence(self) -> str:
         "One sentence saying what the numbers show, and no more."
-        f, n, b = figures[self.figure], self.norm, self.base
+        f, n, b = diff_figures[self.figure], self.norm, self.base
         v = lambda x: _num(x, f['fmt'])
         if not self.n: return f"{n} and {b} ran no seed in common: no {f['label']} comparison."
         ci = f"{self.conf:.0%} CI"
@@ -108,14 +108,14 @@ def paired_diff(values:dict, # norm → one value per run, in seed order (accura
                 seeds, # The seeds of those runs: a list for every norm, or a dict norm → list
                 norm:str, # The norm compared
                 base:str, # The baseline
-                figure:str='accuracy', # A key of `figures`, for the scale and the sentence
+                figure:str='accuracy', # A key of `diff_figures`, for the scale and the sentence
                 conf:float=0.95, # Confidence level
                ) -> Diff:
     "The mean difference `norm` − `base` over the seeds both ran, with its Student's t interval."
-    if figure not in figures: raise ValueError(f"unknown figure {figure!r}; valid figures: {', '.join(figures)}")
+    if figure not in diff_figures: raise ValueError(f"unknown figure {figure!r}; valid figures: {', '.join(diff_figures)}")
     common, d = paired(values, seeds, norm, base)
     if not common: return Diff(norm, base, figure, [], None, conf=conf)
-    return Diff(norm, base, figure, common, *t_interval(np.array(d) * figures[figure]['scale'], conf), conf=conf)
+    return Diff(norm, base, figure, common, *t_interval(np.array(d) * diff_figures[figure]['scale'], conf), conf=conf)
 
 # %% ../nbs/14_compare.ipynb #6c80c780
 def loss_spike(history:pd.DataFrame) -> float:
@@ -212,7 +212,7 @@ def _pm(m, s, fmt) -> str:
     return _num(m, fmt) + ('' if s is None or np.isnan(s) else f" ± {s:{fmt}}")
 
 def _ci(d:Diff) -> str:
-    f = figures[d.figure]
+    f = diff_figures[d.figure]
     if d.mean is None: return '–'
     s = _num(d.mean, '+' + f['fmt'])
     return s + (f" ({_num(d.low, f['fmt'])} to {_num(d.high, f['fmt'])})" if d.low is not None else '')
