@@ -259,7 +259,7 @@ def convergence_markdown(histories:dict, # norm → list of history DataFrames, 
     "A markdown section: epochs and seconds to the target accuracy per norm, and the runs that never reach it."
     conv = convergence(histories, seeds, results, target)
     t = conv.attrs['target']
-    how = "set" if target is not None else "95% of the best norm's final accuracy"
+    how = "as given" if target is not None else "95% of the best norm's final accuracy"
     rows = [[n, f"{r.reached}/{r.runs}", _pm(r.epoch, r.epoch_std, '.1f'), _pm(r.time_s, r.time_std, '.1f'),
              ', '.join(map(str, r.never)) or '–'] for n, r in conv.iterrows()]
     table = _table(['norm', 'seeds reaching it', 'first epoch', 'seconds to it', 'seeds never reaching it'], rows)
