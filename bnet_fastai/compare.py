@@ -321,7 +321,7 @@ def load_runs(out, # A `bnet-train` output folder: config.json, then <norm>_s<se
         seeds[n] = done
     return results, histories, seeds
 
-# %% ../nbs/14_compare.ipynb #44d6afaa
+# %% ../nbs/14_compare.ipynb #b0cf1747
 def mark_convergence(ax, # The accuracy panel, e.g. `plot_curves`' right-hand axes
                      conv:pd.DataFrame, # From `convergence`
                      scale:float=100, # What the panel multiplies accuracy by (100: percent)
