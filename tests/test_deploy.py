@@ -133,8 +133,8 @@ def test_mixed_precision_training_digits(precision, dtype, request):
     bnets = [m for m in learn.model.modules() if isinstance(m, BNET)]
     init = [b.conv.weight.detach().clone() for b in bnets]
     def check(b, i, o):
-        "In the first training batch: the BNET's output dtype, and its distance from BNET's maths in fp32."
-        if not b.training or b in errs: return
+        "In each training batch (the last one's kept, when kernels have learned): output dtype, distance from BNET's maths in fp32."
+        if not b.training: return
         seen.add(o.dtype); sizes[b] = i[0].shape[2:]
         with torch.no_grad(), torch.autocast('cpu', enabled=False): errs[b] = rel_err(o.float(), bnet_train_reference(b, i[0]))
     hs = [b.register_forward_hook(check) for b in bnets]
@@ -143,7 +143,7 @@ def test_mixed_precision_training_digits(precision, dtype, request):
     assert seen == {dtype}  # training really ran under autocast in that dtype
     assert scaling == {dtype == torch.float16}  # fp16 losses are scaled (on the CPU's scaler); bf16 needs no scaling
     # Each BNET computed BNET's maths within the dtype's rounding (bf16 keeps 8 mantissa bits, fp16 11) ...
-    assert len(errs) == len(bnets) and max(errs.values()) < (3e-2 if dtype == torch.bfloat16 else 5e-3), errs
+    assert len(errs) == len(bnets) and max(errs.values()) < (3e-2 if dtype == torch.bfloat16 else 5e-3), max(errs.values())
     # ... and its kernel learned: every kernel moved off its start (identity, or zero ending a residual branch), the
     # off-centre taps too wherever the map was larger than 1×1 (there they only ever see padding).
     for b, w0 in zip(bnets, init):
