@@ -39,6 +39,36 @@ def _to_bnet(m, ks, ndim):
     if type(m).forward not in _norm_act_forwards: return b
     return nn.Sequential(b, getattr(m, 'drop', nn.Identity()), getattr(m, 'act', nn.Identity())).train(m.training)
 
+# %% ../nbs/10_convert.ipynb #c7a1d2e1
+_norm_classes = (BNET, bn_base, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+                 nn.CrossMapLRN2d, nn.RMSNorm)
+
+def _other_norms(model) -> dict:
+    "Class name → count of `model`'s norm layers that are not BatchNorms (what `convert_to_bnet` converts), existing BNETs included."
+    res = {}
+    def count(m): res[type(m).__name__] = res.get(type(m).__name__, 0) + 1
+    def walk(m):
+        "Count the norms in `m`; does `m` hold any?"
+        if isinstance(m, _norm_classes):  # a norm's insides are part of it: count it once
+            if not isinstance(m, bn_base): count(m)
+            return True
+        found = any([walk(c) for c in m.children()])  # a list: walk every child
+        n = type(m).__name__
+        # Named like a norm, with weights or statistics of its own and no norm inside: another library's norm (timm's EvoNorm2dB0, ...)
+        own = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+        if not found and own and 'Norm' in n and not any(w in n for w in ('Conv', 'Mlp', 'Head', 'Block')): count(m); found = True
+        return found
+    walk(model)
+    return res
+
+def _norms_text(others:dict) -> str:
+    "`_other_norms`'s counts in words."
+    kinds = [f"{n} {c}" for c, n in others.items() if c != 'BNET']
+    kinds = ', '.join(kinds[:-1]) + ' and ' + kinds[-1] if len(kinds) > 1 else ''.join(kinds)
+    res = [f"found {kinds}, which BNET does not replace"] if kinds else []
+    if 'BNET' in others: res.append(f"found {others['BNET']} BNET already")
+    return '; '.join(res)
+
 # %% ../nbs/10_convert.ipynb #b8f6f0fe
 @dataclass
 class ConvertReport:
@@ -49,6 +79,7 @@ class ConvertReport:
     left:list=field(default_factory=list) # (name, reason) for each BatchNorm left as it was
     params_before:int=0 # Parameter count before
     params_after:int=0 # Parameter count after
+    other_norms:dict=field(default_factory=dict) # Class name → count of norms BNET does not replace (LayerNorm, ...), and BNETs already there
 
     @property
     def n_converted(self): return len(self.converted)
@@ -64,7 +95,27 @@ class ConvertReport:
         res = [f"convert_to_bnet(ks={self.ks}, bnet_at={self.bnet_at!r}): {self.n_converted} norms -> BNET-{self.ks}, "
                f"parameters {self.params_before:,} -> {self.params_after:,} (+{self.params_added:,})"]
         res += [f"  left {n}: {why}" for n, why in self.left]
+        if self.other_norms: res.append(f"  {_norms_text(self.other_norms)}")
         return '\n'.join(res)
+
+# %% ../nbs/10_convert.ipynb #c7a1d2e3
+def _check_module(model, fname:str):
+    "Raise a `TypeError` saying what `fname` expects unless `model` is an `nn.Module`."
+    if isinstance(model, nn.Module): return
+    got = type(model).__name__
+    if isinstance(model, str): hint = f"; build the model first, e.g. timm.create_model({model!r})"
+    elif isinstance(getattr(model, 'model', None), nn.Module): hint = f"; pass its model: {fname}(learn.model)"
+    else: hint = ''
+    raise TypeError(f"{fname} expects a model (a torch nn.Module), got {got}{hint}")
+
+_warned_tuple = set()
+def _legacy_tuple(model, rep, fname:str, attr:str):
+    "`(model, rep)`, the return value before it became the model alone; warns once per process and function."
+    if fname not in _warned_tuple:
+        _warned_tuple.add(fname)
+        warnings.warn(f"{fname}(..., legacy_tuple=True) is deprecated and will be removed in the next release: {fname} returns the "
+                      f"model, with the report as model.{attr}", DeprecationWarning, stacklevel=3)
+    return model, rep
 
 # %% ../nbs/10_convert.ipynb #35f6a52d
 def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, SyncBatchNorm or timm BatchNormAct2d layers
@@ -73,13 +124,15 @@ def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, Sync
                     inplace:bool=False, # Change `model` itself rather than a deep copy
                     ndim:int|None=None, # Spatial dims of `SyncBatchNorm` layers (they do not record it); others know theirs
                     at:str|None=None, # Deprecated name of `bnet_at`
-                   ) -> tuple: # The converted model and a `ConvertReport`
+                    legacy_tuple:bool=False, # Deprecated: return `(model, report)` as before (warns once)
+                   ) -> nn.Module: # The converted model, with its `ConvertReport` as `.convert_report`
     "Replace `model`'s BatchNorms by BNETs computing exactly the same function (`BNET.from_bn`), in train and eval mode."
+    _check_module(model, 'convert_to_bnet')
     _check_ks(ks)
     bnet_at = check_placement(_renamed_at(bnet_at, at, 'convert_to_bnet'))
     if not inplace: model = deepcopy(model)
     sites = bn_sites(model, bnet_at)
-    rep = ConvertReport(ks, bnet_at, params_before=total_params(model)[0])
+    rep = ConvertReport(ks, bnet_at, params_before=total_params(model)[0], other_norms=_other_norms(model))
     # Build every new layer before touching the model, so a bad layer leaves it unchanged.
     new, todo = {}, []
     for s in sites:
@@ -91,5 +144,7 @@ def convert_to_bnet(model:nn.Module, # Any model holding BatchNorm1d/2d/3d, Sync
     rep.params_after = total_params(model)[0]
     if not rep.converted:
         why = '; '.join(f'{n}: {w}' for n, w in rep.left[:3]) + (f'; and {len(rep.left)-3} more' if len(rep.left) > 3 else '')
-        warnings.warn(f"convert_to_bnet converted nothing: {why or 'no BatchNorm found outside existing BNETs'}")
-    return model, rep
+        has = _norms_text(rep.other_norms) or 'the model has no norm layers'
+        warnings.warn(f"convert_to_bnet converted nothing: {why or 'no BatchNorm found'}; {has}", stacklevel=2)
+    model.convert_report = rep
+    return _legacy_tuple(model, rep, 'convert_to_bnet', 'convert_report') if legacy_tuple else model

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .layers import BNET
 from .placement import bn_base
+from .convert import _check_module, _legacy_tuple
 
 # %% auto #0
 __all__ = ['FuseReport', 'fuse_bnet', 'export_onnx']
@@ -112,8 +113,10 @@ class FuseReport:
 # %% ../nbs/11_deploy.ipynb #ffb42afe
 def fuse_bnet(model:nn.Module, # An eval-mode model holding BNET and/or BatchNorm layers
               inplace:bool=False, # Change `model` itself rather than a deep copy
-             ) -> tuple: # The fused model (same class and structure) and a `FuseReport`
+              legacy_tuple:bool=False, # Deprecated: return `(model, report)` as before (warns once)
+             ) -> nn.Module: # The fused model (same class and structure), with its `FuseReport` as `.fuse_report`
     "For inference: fold every BNET's and BatchNorm's running statistics into the conv before it, where that is exact."
+    _check_module(model, 'fuse_bnet')
     training = [n or 'model' for n, m in model.named_modules() if m.training]
     if training: raise ValueError(f"fuse_bnet folds running statistics, which training mode does not use; call "
                                   f"model.eval() first ({len(training)} modules in training mode, e.g. {training[0]!r})")
@@ -134,7 +137,8 @@ def fuse_bnet(model:nn.Module, # An eval-mode model holding BNET and/or BatchNor
         parent, _, attr = name.rpartition('.')
         setattr(model.get_submodule(parent), attr, _fold(conv, norm))
         rep.folded.append((conv_name, name, 'BNET' if isinstance(norm, BNET) else 'BN'))
-    return model, rep
+    model.fuse_report = rep
+    return _legacy_tuple(model, rep, 'fuse_bnet', 'fuse_report') if legacy_tuple else model
 
 # %% ../nbs/11_deploy.ipynb #b0b59571
 def _tf32(device:torch.device) -> bool:
@@ -155,6 +159,8 @@ def export_onnx(model:nn.Module, # The (eval-mode) model to export
                 atol:float|None=None, # Largest absolute difference `check` accepts (default: 1e-4, or 1e-2 where eager runs in TF32)
                ):
     "Export `model` to ONNX with a dynamic batch axis; optionally check onnxruntime's output against eager."
+    _check_module(model, 'export_onnx')
+    if not isinstance(x, torch.Tensor): raise TypeError(f"export_onnx needs an example input batch x (a torch.Tensor), got {type(x).__name__}")
     if model.training: raise ValueError("export_onnx exports inference: call model.eval() first")
     buf = io.BytesIO()
     torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=['input'], output_names=['output'],

@@ -1,5 +1,6 @@
 "fuse_bnet, TorchScript/ONNX export, learner export, bf16 training, channels_last and torch.compile for BNET models."
 import pytest, torch, torchvision
+import torch.nn.functional as F
 from torch import nn
 from copy import deepcopy
 from fastai.vision.all import Learner, Callback, CrossEntropyLossFlat, load_learner
@@ -8,6 +9,7 @@ from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
 from bnet_fastai.deploy import fuse_bnet, export_onnx
 from bnet_fastai.fastai_patches import enable_cpu_amp
 from _digits import digits_dls
+from test_convert import check_bnets_match_reference, off_centre
 
 _bn = nn.modules.batchnorm._BatchNorm
 
@@ -29,11 +31,14 @@ def rel_err(a, b): return ((a - b).abs().max() / b.abs().max()).item()
 def n_bn(model): return sum(isinstance(m, _bn) for m in model.modules())
 
 def test_fuse_xresnet50_bnet():
-    m = trained_like(xresnet50(norm='bnet', n_out=10))
+    "Every norm of a BNET xresnet50 (a quarter of its width: the layout is the point) folds, and the result matches in fp32."
+    m = trained_like(xresnet50(norm='bnet', n_out=10, widen=0.25))
     x = torch.randn(2, 3, 32, 32)
-    nb = sum(isinstance(l, BNET) for l in m.modules())  # stem 3, 16 blocks × 3, 4 shortcut convs: 55
-    f, rep = fuse_bnet(m)
-    assert len(rep.folded) == nb == 55 and not rep.left and all(k == 'BNET' for *_, k in rep.folded)
+    # stem 3, 16 blocks × 3, 3 shortcut convs (at a quarter width the stem's 64 channels are the first block's 16×4): 54
+    nb = sum(isinstance(l, BNET) for l in m.modules())
+    f = fuse_bnet(m)
+    rep = f.fuse_report
+    assert len(rep.folded) == nb == 54 and not rep.left and all(k == 'BNET' for *_, k in rep.folded)
     assert n_bn(f) == 0 and n_bn(m) == nb  # every norm followed a conv directly; the original is untouched
     assert sum(isinstance(l, BNET) for l in f.modules()) == 0
     with torch.no_grad(): assert rel_err(f(x), m(x)) < 1e-4
@@ -43,22 +48,24 @@ def test_fuse_refuses_training_mode():
 
 @pytest.mark.parametrize('make', [lambda: xresnet18(n_out=10), lambda: torchvision.models.resnet18(weights=None)], ids=['fastai_bn', 'torchvision_bn'])
 def test_fuse_plain_bn(make):
-    "Plain conv→BN pairs fold too, both in fastai's Sequential layers and in torchvision's attribute-style blocks."
+    "Plain conv→BN pairs fold too, both in fastai's Sequential layers and in torchvision's attribute-style blocks (fp32)."
     m = trained_like(make())
     nb = n_bn(m)
-    f, rep = fuse_bnet(m)
+    f = fuse_bnet(m)
+    rep = f.fuse_report
     assert len(rep.folded) == nb and n_bn(f) == 0 and not rep.left
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(): assert rel_err(f(x), m(x)) < 1e-4
 
 def test_fuse_leaves_shared_conv_output():
-    "A conv whose output also feeds a skip is not folded (the skip would change); the report says so."
+    "A conv whose output also feeds a skip is not folded (the skip would change); the report says so (fp32)."
     class Skip(nn.Module):
         def __init__(self):
             super().__init__(); self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), BNET(4)
         def forward(self, x): y = self.conv(x); return self.norm(y) + y
     m = trained_like(Skip())
-    f, rep = fuse_bnet(m)
+    f = fuse_bnet(m)
+    rep = f.fuse_report
     assert not rep.folded and rep.left[0][0] == 'norm' and 'also feeds' in rep.left[0][1]
     x = torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(f(x), m(x))
@@ -66,9 +73,10 @@ def test_fuse_leaves_shared_conv_output():
 @pytest.mark.slow
 @pytest.mark.parametrize('fused', [False, True], ids=['unfused', 'fused'])
 def test_torchscript_and_onnx_xse_resnet50(fused, tmp_path):
+    "TorchScript and onnxruntime (fp32) match eager for a quarter-width xse_resnet50: SE blocks and BNET at every norm, as at full width."
     import onnxruntime as ort
-    m = trained_like(xse_resnet50(norm='bnet', n_out=10))
-    if fused: m = fuse_bnet(m)[0]
+    m = trained_like(xse_resnet50(norm='bnet', n_out=10, widen=0.25))
+    if fused: m = fuse_bnet(m)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = m(x)
@@ -83,13 +91,14 @@ def test_torchscript_and_onnx_xse_resnet50(fused, tmp_path):
 
 @pytest.mark.parametrize('fused', [False, True], ids=['unfused', 'fused'])
 def test_torchscript_script_bnet(fused):
-    "`torch.jit.script` (not just trace) compiles BNET models; fastai's SE blocks are not scriptable, so plain XResNet."
+    "`torch.jit.script` (not just trace) compiles BNET models (fp32); fastai's SE blocks are not scriptable, so plain XResNet."
     m = trained_like(xresnet18(norm='bnet', n_out=10))
-    if fused: m = fuse_bnet(m)[0]
+    if fused: m = fuse_bnet(m)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(): torch.testing.assert_close(torch.jit.script(m)(x), m(x), atol=1e-4, rtol=1e-4)
 
 def test_learner_export_roundtrip(tmp_path):
+    "A BNET learner exported and loaded gives bit-identical fp32 outputs."
     dls = digits_dls(size=16, n=200, bs=32, n_valid=64)
     learn = Learner(dls, trained_like(xresnet18(norm='bnet', n_out=10)), loss_func=CrossEntropyLossFlat(), path=tmp_path)
     learn.export('bnet.pkl')
@@ -98,6 +107,12 @@ def test_learner_export_roundtrip(tmp_path):
     xb = dls.one_batch()[0]
     learn.model.eval(); learn2.model.eval()
     with torch.no_grad(): torch.testing.assert_close(learn2.model(xb), learn.model(xb), atol=0, rtol=0)
+
+def bnet_train_reference(b, x):
+    "BNET-k in training, in plain fp32 torch maths: normalise with the batch's statistics (biased variance, no affine), then the depthwise conv."
+    x = x.float(); dims = [0, *range(2, x.dim())]
+    y = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + b.bn.eps)
+    return getattr(F, f'conv{b.ndim}d')(y, b.conv.weight.float(), b.conv.bias.float(), padding=b.ks // 2, groups=b.nf)
 
 class EveryBatch(Callback):
     "Runs `f` after every batch."
@@ -113,22 +128,36 @@ def test_mixed_precision_training_digits(precision, dtype, request):
     # Native 8×8 and a quarter of the width: half-precision convolutions are slow on CPUs without bf16/fp16 units
     dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)
     learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10, widen=0.25), loss_func=CrossEntropyLossFlat()), precision)()
-    seen, scaling = set(), set()
+    seen, scaling, errs, sizes = set(), set(), {}, {}
     learn.add_cb(EveryBatch(lambda: scaling.add(learn.scaler.is_enabled()) if learn.training else None))
-    bnet = next(m for m in learn.model.modules() if isinstance(m, BNET))
-    h = bnet.conv.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
-    before = learn.validate()[0]
+    bnets = [m for m in learn.model.modules() if isinstance(m, BNET)]
+    init = [b.conv.weight.detach().clone() for b in bnets]
+    def check(b, i, o):
+        "In each training batch (the last one's kept, when kernels have learned): output dtype, distance from BNET's maths in fp32."
+        if not b.training: return
+        seen.add(o.dtype); sizes[b] = i[0].shape[2:]
+        with torch.no_grad(), torch.autocast('cpu', enabled=False): errs[b] = rel_err(o.float(), bnet_train_reference(b, i[0]))
+    hs = [b.register_forward_hook(check) for b in bnets]
     learn.fit_one_cycle(1, 3e-3)
-    h.remove()
-    losses = torch.stack(learn.recorder.losses)
-    after = learn.validate()[0]
+    for h in hs: h.remove()
     assert seen == {dtype}  # training really ran under autocast in that dtype
-    assert torch.isfinite(losses).all() and after < before and losses[-5:].mean() < losses[:5].mean()
     assert scaling == {dtype == torch.float16}  # fp16 losses are scaled (on the CPU's scaler); bf16 needs no scaling
+    # Each BNET computed BNET's maths within the dtype's rounding (bf16 keeps 8 mantissa bits, fp16 11) ...
+    assert len(errs) == len(bnets) and max(errs.values()) < (3e-2 if dtype == torch.bfloat16 else 5e-3), max(errs.values())
+    # ... and its kernel learned: every kernel moved off its start (identity, or zero ending a residual branch), the
+    # off-centre taps too wherever the map was larger than 1×1 (there they only ever see padding).
+    for b, w0 in zip(bnets, init):
+        w = b.conv.weight.detach()
+        assert not torch.equal(w, w0)
+        if sizes[b].numel() > 1: assert off_centre(w - w0).abs().max() > 1e-4
+    assert any(sizes[b].numel() > 1 for b in bnets)
+    # After training, in eval and fp32, every BNET still computes BNET's maths on its running statistics.
+    assert check_bnets_match_reference(learn.model, learn.dls.valid.one_batch()[0]) == len(bnets)
 
 def test_channels_last_and_half():
+    "channels_last matches NCHW in fp32 (1e-4); bf16 and fp16 weights match fp32 within their rounding."
     m = trained_like(xresnet18(norm='bnet', n_out=10))
-    f = fuse_bnet(m)[0]
+    f = fuse_bnet(m)
     x = torch.randn(2, 3, 16, 16)
     cl = torch.channels_last
     with torch.no_grad():
@@ -141,7 +170,7 @@ def test_channels_last_and_half():
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
-    "Compiled with the inductor (CPU: C++ via gcc). A small model at a small input keeps compile time down on 2 cores."
+    "Compiled with the inductor (CPU: C++ via gcc) matches eager in fp32. A small model at a small input keeps compile time down on 2 cores."
     m = trained_like(xresnet18(norm='bnet', n_out=10))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(): torch.testing.assert_close(torch.compile(m)(x), m(x), atol=1e-4, rtol=1e-4)
