@@ -80,7 +80,7 @@ def onnx_check(tf32):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         m = xresnet18(n_out=10, norm='bnet').cuda().eval()
-        fused, _ = fuse_bnet(m)
+        fused = fuse_bnet(m)
         export_onnx(fused, torch.randn(4, 3, 64, 64, device='cuda'))
     finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 

@@ -37,7 +37,7 @@ def variants(arch, channels_last, bnet_at='all'):
     "name → eval model: unfused BN, fused BN, unfused BNET, fused BNET."
     mf = torch.channels_last if channels_last else torch.contiguous_format
     bn, bnet = trained_like(arch_registry[arch](norm='bn')), trained_like(arch_registry[arch](norm='bnet', bnet_at=bnet_at))
-    res = {'unfused BN': bn, 'fused BN': fuse_bnet(bn)[0], 'unfused BNET': bnet, 'fused BNET': fuse_bnet(bnet)[0]}
+    res = {'unfused BN': bn, 'fused BN': fuse_bnet(bn), 'unfused BNET': bnet, 'fused BNET': fuse_bnet(bnet)}
     return {k: v.to(RUN['device'], memory_format=mf) for k, v in res.items()}
 
 def _time(f, x):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from .layers import BNET
+from .layers import BNET, bnet_parts
 from .placement import bn_base
 from .convert import _check_module, _legacy_tuple
 
@@ -125,7 +125,7 @@ def fuse_bnet(model:nn.Module, # An eval-mode model holding BNET and/or BatchNor
     # Shared modules or tied weights would be changed for their other users too.
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     puses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    rep, inside = FuseReport(), {id(m) for b in model.modules() if isinstance(b, BNET) for m in b.modules() if m is not b}
+    rep, inside = FuseReport(), bnet_parts(model)
     for name, norm in list(model.named_modules()):
         if not _is_norm(norm) or id(norm) in inside: continue
         conv_name, why = pairs.get(name, (None, "its parent's forward could not be traced"))

@@ -42,7 +42,7 @@ def test_bnet_at_last_replaces_exactly_the_branch_ends(name):
     assert [n for n, o in m.named_modules() if isinstance(o, BNET)] == want
     assert sum(isinstance(o, batchnorm_types) and not isinstance(p, BNET) for p in m.modules() for o in p.children()) == n_bn - len(want)
     assert all(o.zero for o in m.modules() if isinstance(o, BNET))
-    new, rep = convert_to_bnet(MODELS[name][0](), bnet_at='last')
+    new = convert_to_bnet(MODELS[name][0](), bnet_at='last'); rep = new.convert_report
     assert rep.converted == want and rep.bnet_at == 'last'
 
 def test_identity_branch_end_is_skipped():
@@ -64,7 +64,7 @@ def test_at_is_deprecated_and_still_works():
         m = set_norms(torchvision.models.resnet18(), 'bnet', at='last')
     assert sum(isinstance(o, BNET) for o in m.modules()) == 8
     with pytest.warns(DeprecationWarning, match=r"convert_to_bnet\(at=\.\.\.\) is deprecated.*bnet_at"):
-        _, rep = convert_to_bnet(torchvision.models.resnet18(), at='last')
+        rep = convert_to_bnet(torchvision.models.resnet18(), at='last').convert_report
     assert rep.n_converted == 8
     with pytest.warns(DeprecationWarning, match='bnet_at'): assert rep.at == 'last'
 

@@ -15,7 +15,8 @@ from fastai.vision.models import xresnet as fx
 # fastai's stage layouts and SE settings, imported rather than assigned so they stay out of this module's `__all__`
 from fastai.vision.models.xresnet import g0, g1, g2, g3, se_kwargs1 as se1, se_kwargs2 as se2, se_kwargs3 as se3
 from fastai.vision.learner import model_meta
-from ..placement import batchnorm_types, bn_ndim, bn_sites, check_placement, _renamed_at
+from ..layers import batchnorm_types, bn_ndim, to_like
+from ..placement import bn_sites, check_placement, _renamed_at
 from ..norms import make_norm, check_norm
 from ..activations import get_act
 from ..registry import Registry
@@ -40,9 +41,7 @@ def set_norms(model:nn.Module, # A model built with BatchNorm, e.g. by fastai, t
     check_norm(norm)
     for s in bn_sites(model, _renamed_at(bnet_at, at, 'set_norms'), types=batchnorm_types):
         new = make_norm(norm, s.bn.num_features, ndim=bn_ndim(s.bn), zero=zero_last and s.branch_end)
-        # keep the replaced norm's device and dtype (a CUDA or half-precision model stays so)
-        t = next(iter([*s.bn.parameters(), *(b for b in s.bn.buffers() if b.is_floating_point())]), None)
-        setattr(s.parent, s.attr, new if t is None else new.to(device=t.device, dtype=t.dtype))
+        setattr(s.parent, s.attr, to_like(new, s.bn)) # keep the replaced norm's device and dtype (CUDA, half)
     return model
 
 # %% ../../nbs/02_xresnet.ipynb #88c79c9a
