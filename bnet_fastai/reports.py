@@ -69,7 +69,7 @@ def plot_curves(histories:dict, # norm → list of history DataFrames, one per s
     axs[1].yaxis.set_major_formatter(PercentFormatter(decimals=0))
     fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
 
-# %% ../nbs/08d_reports.ipynb #903efaea
+# %% ../nbs/08d_reports.ipynb #d4e4756d
 def _run_dir(out, norm, seed): return Path(out)/f'{norm}_s{seed}'
 
 def write_run(run_dir:Path, metrics:dict):
@@ -80,11 +80,11 @@ def write_outputs(out:Path, # The output folder
                   cfg:AttrDict, # From `train_config`
                   results:dict, # norm → list of final-metrics dicts, one per seed run so far (in `cfg.seeds`' order)
                  ) -> str:
-    "Write `summary.md` and `curves.png` for the runs in `out` that exist; return the table."
+    "Write `summary.md` and `curves.png` for the runs in `out` that exist (no plot when none finished); return the table."
     out = Path(out)
     table = summary_table(results) + leaderboard_comparison(cfg, _done(results))
     head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
     (out/'summary.md').write_text(head + table + '\n')
     hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s, m in zip(cfg.seeds, ms) if 'failed' not in m] for n, ms in results.items()}
-    plot_curves({n: hs for n, hs in hists.items() if hs}, out/'curves.png')
+    if any(hists.values()): plot_curves({n: hs for n, hs in hists.items() if hs}, out/'curves.png')
     return table

@@ -75,7 +75,7 @@ def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     cbs = ([MixUp(cfg.mixup)] if cfg.mixup else []) + precision_cbs(cfg.precision) + ([ChannelsLast()] if cfg.channels_last else [])
     return Learner(dls, model, loss_func=cfg_loss_func(cfg), opt_func=cfg_opt_func(cfg), lr=cfg.lr, wd=cfg.wd, metrics=metrics, cbs=cbs, path=path or Path('.'))
 
-# %% ../nbs/08_train.ipynb #6c07ccbe
+# %% ../nbs/08_train.ipynb #14e01eb5
 class RunInterrupted(KeyboardInterrupt):
     "Ctrl-C during a run; `epoch` (counted from 1) is the epoch it stopped."
     def __init__(self, epoch:int):
@@ -100,7 +100,7 @@ class StopOnDivergence(TerminateOnNaNCallback):
     def __init__(self, start:int=0): self.start, self.diverged = start, None # epochs before `start` are skipped, not trained
     def after_batch(self):
         try: super().after_batch()
-        except CancelFitException: self.diverged = ('train' if self.training else 'valid', float(self.loss)); raise
+        except CancelFitException: self.diverged = ('train' if self.training else 'valid', self.loss.item()); raise
     def after_epoch(self):
         v = float(self.recorder.values[-1][1]) if self.epoch >= self.start and self.recorder.values else 0.
         if not math.isfinite(v): self.diverged = ('valid', v); raise CancelFitException
