@@ -50,13 +50,13 @@ def train_parser(prog:str='bnet-train') -> argparse.ArgumentParser:
             _add_flag(p, k, prm, hints.get(k, str), docs.get(k), choices.get(k))
     return p
 
-# %% ../nbs/08e_cli.ipynb #9de69c0c
+# %% ../nbs/08e_cli.ipynb #54832852
 def _fail(code:int, msg:str):
     print(f"bnet-train: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 @delegates(train)
-def main(argv:list|None=None, # Command-line arguments; `None` reads `sys.argv`
+def main(argv=None, # Command-line arguments, a list; `None` reads `sys.argv` (no annotation: fastcore's `anno_parser(main)` still builds)
          **kwargs):
     "Train and compare norms on one data set with the same architecture, schedule, optimizer and seeds (the `bnet-train` command)."
     import matplotlib; matplotlib.use('Agg') # a command writes its plot to a file and opens no window
