@@ -11,6 +11,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 from bnet_fastai import train
+from bnet_fastai.cli import main
 from bnet_fastai.distributed import unwrap
 from bnet_fastai.placement import bn_base
 
@@ -35,4 +36,4 @@ def _with_probe(build_learner, folder):
 
 if __name__ == '__main__':
     train.build_learner = _with_probe(train.build_learner, sys.argv.pop(1))
-    train.main()
+    main()

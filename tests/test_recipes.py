@@ -7,11 +7,14 @@ import fastai.vision.models.xresnet as fx
 from fastai.data.external import fastai_cfg
 from fastai.layers import MaxPool, SimpleSelfAttention
 from fastai.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat
-from fastcore.script import anno_parser
 from bnet_fastai.data import fake_imagenette, digits_dls
 from bnet_fastai.models.xresnet import arch_registry
 from bnet_fastai.recipes import leaderboard, published_entry
-from bnet_fastai.train import main, train_config, build_learner, get_dls, write_outputs
+from bnet_fastai.config import train_config, TRAIN_DEFAULTS
+from bnet_fastai.cli import train_parser
+from bnet_fastai.recipes import leaderboard_recipe
+from bnet_fastai.train import build_learner, get_dls
+from bnet_fastai.reports import write_outputs
 
 root = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]), 'MPLBACKEND': 'Agg'}
@@ -30,6 +33,10 @@ def test_recipe_values_are_the_leaderboard_runs(dataset, size, epochs):
     assert {k: cfg[k] for k in SCRIPT} == SCRIPT
     assert (cfg.mixup, cfg.size, cfg.epochs, cfg.overrides) == (SCRIPT_MIXUP[epochs], size, epochs, {})
 
+def test_recipe_sets_only_defined_options():
+    "A recipe's values are options of `TRAIN_DEFAULTS` (defined once, in config), never new ones."
+    assert set(leaderboard_recipe('imagenette', 128, 80)) <= set(TRAIN_DEFAULTS)
+
 def test_explicit_options_override_the_recipe():
     cfg = train_config(recipe='leaderboard', dataset='imagewoof', lr=1e-3, arch='xresnet18', sa=False, label_smoothing=0.)
     assert (cfg.lr, cfg.arch, cfg.sa, cfg.label_smoothing) == (1e-3, 'xresnet18', False, 0.)
@@ -38,9 +45,10 @@ def test_explicit_options_override_the_recipe():
     # without a recipe, bnet-train's own defaults
     plain = train_config(dataset='imagewoof')
     assert (plain.arch, plain.lr, plain.sa, plain.pool, plain.label_smoothing, plain.mom, plain.recipe) == ('xresnet18', 4e-3, False, 'avg', 0., None, 'none')
+    assert {k: plain[k] for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
 
 def test_cli_flags_parse_to_explicit_values():
-    p = anno_parser(main)
+    p = train_parser()
     a = p.parse_args(['--recipe', 'leaderboard', '--sa', '--pool', 'avg', '--mom', '0.9', '--label-smoothing', '0.2'])
     assert (a.recipe, a.sa, a.pool, a.mom, a.label_smoothing, a.lr, a.sqr_mom) == ('leaderboard', True, 'avg', 0.9, 0.2, None, None)
     assert p.parse_args(['--sa', 'False']).sa is False and p.parse_args([]).sa is None
@@ -49,9 +57,9 @@ def test_cli_flags_parse_to_explicit_values():
     (dict(recipe='imagenet'), "unknown recipe 'imagenet'; valid recipes: none, leaderboard"),
     (dict(recipe='leaderboard', dataset='digits'), "recipe 'leaderboard' is for imagenette or imagewoof"),
     (dict(pool='median'), "unknown pool 'median'; valid pools: avg, max"),
-    (dict(label_smoothing=1.5), "label_smoothing must be in [0, 1); got 1.5"),
-    (dict(mom=1.2), "mom must be in [0, 1); got 1.2"),
-    (dict(eps=0.), "eps must be in (0, inf); got 0"),
+    (dict(label_smoothing=1.5), "label_smoothing=1.5: must be in [0, 1)"),
+    (dict(mom=1.2), "mom=1.2: must be in [0, 1)"),
+    (dict(eps=0.), "eps=0.0: must be > 0"),
     (dict(arch='mininet', sa=True), "arch 'mininet' has no sa option; archs that have it: xresnet18"),
 ])
 def test_bad_options(kw, msg):
@@ -100,7 +108,8 @@ def test_mom_sqr_mom_eps_reach_the_optimizer(digits, opt):
 def test_leaderboard_recipe_cli_on_fake_imagenette(nette_home, use_home, tmp_path):
     out = tmp_path/'lb'
     p = subprocess.run(['bnet-train', '--recipe', 'leaderboard', '--dataset', 'imagenette', '--epochs', '1', '--size', '64',
-                        '--bs', '8', '--out', str(out)], env={**ENV, 'FASTAI_HOME': str(nette_home)}, capture_output=True, text=True)
+                        '--bs', '8', '--precision', 'fp32', '--out', str(out)], env={**ENV, 'FASTAI_HOME': str(nette_home)},
+                       capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.loads((out/'config.json').read_text())
     assert {k: cfg[k] for k in SCRIPT if k != 'bs'} == {k: v for k, v in SCRIPT.items() if k != 'bs'}
@@ -117,7 +126,7 @@ def test_leaderboard_recipe_cli_on_fake_imagenette(nette_home, use_home, tmp_pat
     assert summary.startswith('# xse_resnext50 on imagenette: 1 epoch, flat_cos, ranger, lr 0.008, bs 8, size 64,')
     # the same options in-process: the model and the loss the run was built with
     use_home(nette_home)
-    c = train_config(recipe='leaderboard', dataset='imagenette', epochs=1, size=64, bs=8, workers=0)
+    c = train_config(recipe='leaderboard', dataset='imagenette', epochs=1, size=64, bs=8, workers=0, precision='fp32')
     assert {k: v for k, v in c.items() if k != 'workers'} == cfg
     learn = build_learner(c, 'bnet', get_dls(c))
     assert sum(isinstance(m, SimpleSelfAttention) for m in learn.model.modules()) == 1

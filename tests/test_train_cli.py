@@ -1,19 +1,22 @@
-"`bnet-train`: the digits acceptance run, Imagenette's layout offline, determinism, Ctrl-C and resume, and bad input."
-import json, os, re, shutil, signal, subprocess, sys, time, urllib.error
+"`bnet-train`: the digits acceptance run, Imagenette's layout offline, determinism, Ctrl-C and resume, divergence, the options defined once, and bad input."
+import contextlib, io, json, os, re, shutil, subprocess, sys, urllib.error
 from pathlib import Path
 import pandas as pd, pytest, torch
 from fastai.data.external import fastai_cfg
 from bnet_fastai.data import fake_imagenette, digits_dls
 from bnet_fastai.models.xresnet import arch_registry
-from bnet_fastai.train import main, train_config, train_run
+import bnet_fastai.config as config
+from bnet_fastai.config import train_config, option_choices
+from bnet_fastai.cli import main, train_parser
+from bnet_fastai.train import train_run
 
 root = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]), 'MPLBACKEND': 'Agg'}
-DIGITS = ['--dataset', 'digits', '--arch', 'xresnet18', '--epochs', '5', '--size', '16'] # 16 px: digits are 8×8
+DIGITS = ['--dataset', 'digits', '--arch', 'xresnet18', '--epochs', '5', '--size', '16', '--precision', 'fp32'] # 16 px: digits are 8×8
 FINAL = ['accuracy', 'top5', 'valid_loss', 'train_loss']
 
-def bnet_train(*args, env=ENV):
-    return subprocess.run(['bnet-train', *map(str, args)], env=env, capture_output=True, text=True)
+def bnet_train(*args, env=ENV, timeout=1800):
+    return subprocess.run(['bnet-train', *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 _JIT_WARNING = "`torch.jit.script` is deprecated"
 def err_lines(err:str) -> list:
@@ -23,7 +26,7 @@ def err_lines(err:str) -> list:
     return lines if i is None else lines[:i] + lines[i+2:]  # the warning and its source line
 
 def test_import_is_quiet():
-    p = subprocess.run([sys.executable, '-c', 'import bnet_fastai.train'], env=ENV, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, '-c', 'import bnet_fastai.train, bnet_fastai.cli'], env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stderr == ''
 
 @pytest.fixture(scope='module')
@@ -47,6 +50,8 @@ def test_digits_bn_vs_bnet(digits_runs):
         hist = pd.read_csv(out/f'{n}_s0'/'history.csv')
         assert list(hist.epoch) == [1, 2, 3, 4, 5]  # counted from 1, as in the plot
         assert hist.accuracy.iloc[-1] == pytest.approx(m['accuracy'])
+        assert len(m['epoch_times']) == 5 and all(t > 0 for t in m['epoch_times'])
+        assert m['s_per_epoch'] == pytest.approx(sum(m['epoch_times']) / 5)
     assert 'top-5 %' in summary
     assert f"summary: {out/'summary.md'}" in p.stdout and f"curves:  {out/'curves.png'}" in p.stdout
     # A finished run keeps its final weights only: the checkpoint with the optimizer state is gone
@@ -75,24 +80,17 @@ def test_reported_accuracy_is_the_saved_weights(digits_runs):
 
 @pytest.mark.slow
 def test_ctrl_c_and_resume(digits_runs, tmp_path):
-    "SIGINT mid-epoch: one line, exit 130, the checkpoint kept; then --resume ends where the uninterrupted run did."
+    "SIGINT at batch 3 of epoch 2: one line, exit 130, epoch 1's checkpoint kept; then --resume ends where the uninterrupted run did."
     full_out, _ = digits_runs
     out, args = tmp_path/'k', [*DIGITS, '--norm', 'bnet']
     run = out/'bnet_s0'
-    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec: give the run Ctrl-C back,
-    # as a terminal would
-    p = subprocess.Popen(['bnet-train', *args, '--out', str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    rows = lambda: len((run/'history.csv').read_text().splitlines()) - 1 if (run/'history.csv').exists() else 0
-    deadline = time.time() + 900
-    while p.poll() is None and rows() < 2 and time.time() < deadline: time.sleep(0.1)
-    time.sleep(0.5)  # into the third epoch
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130
-    done = torch.load(run/'checkpoint.pth', weights_only=False)['epoch']
-    assert 1 <= done < 5
-    assert err_lines(err) == [f"interrupted during epoch {done+1}; rerun with --resume to continue"]
+    # the probe sends the signal from inside the run (see tests/_interrupt_probe.py): no timing involved
+    p = subprocess.run([sys.executable, str(root/'tests'/'_interrupt_probe.py'), '2', '3', *args, '--out', str(out)],
+                       env=ENV, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert torch.load(run/'checkpoint.pth', weights_only=False)['epoch'] == 1
+    assert err_lines(p.stderr) == ["interrupted during epoch 2; rerun with --resume to continue"]
+    assert len(pd.read_csv(run/'history.csv')) == 1
     # what --resume needs, and nothing half-written
     assert sorted(f.name for f in run.iterdir()) == ['checkpoint.pth', 'history.csv']
     assert sorted(f.name for f in out.iterdir()) == ['bnet_s0', 'config.json']
@@ -110,7 +108,7 @@ def test_imagenette_cli_offline(nette_home, tmp_path):
     "Imagenette's real layout under a new FASTAI_HOME (no config.ini yet, as on a first run): `untar_data` finds it, no network needed, nothing on stderr."
     out, home = tmp_path/'nette', tmp_path/'home'
     shutil.copytree(nette_home/'data'/'imagenette2-160', home/'data'/'imagenette2-160')
-    p = bnet_train('--dataset', 'imagenette', '--epochs', 1, '--size', 64, '--bs', 8, '--out', out,
+    p = bnet_train('--dataset', 'imagenette', '--epochs', 1, '--size', 64, '--bs', 8, '--precision', 'fp32', '--out', out,
                    env={**ENV, 'FASTAI_HOME': str(home)})
     assert p.returncode == 0, p.stderr[-3000:]
     assert (home/'config.ini').exists() and err_lines(p.stderr) == []
@@ -122,7 +120,7 @@ def test_imagenette_cli_offline(nette_home, tmp_path):
 def test_same_seed_same_metrics(nette_home, use_home, tmp_path):
     "Two runs with the same seed (random crops, flips, shuffling) end with the same weights and metrics on CPU."
     use_home(nette_home)
-    cfg = train_config(dataset='imagenette', norm='bnet', epochs=1, size=32, bs=8, workers=0)
+    cfg = train_config(dataset='imagenette', norm='bnet', epochs=1, size=32, bs=8, workers=0, precision='fp32')
     ms = [train_run(cfg, 'bnet', seed, tmp_path/f'{i}') for i, seed in enumerate((0, 0, 1))]
     for k in FINAL: assert ms[0][k] == ms[1][k], k
     sds = [torch.load(tmp_path/f'{i}'/'model.pth') for i in range(3)]
@@ -160,7 +158,7 @@ BAD_DATA = [  # (what is wrong, its message, extra options)
     (_garbage, r"cannot read image .*n03417042/broken\.JPEG", []),
     (_empty_class, r"class folder .*val/n03425413 holds no images", []),
     (_no_val, r"tree has no val/ folder", []),
-    (None, r"the training set has 40 images, fewer than one batch of 64: pass --bs 40 or less", ['--bs', 64]),
+    (None, r"--bs 64: the training set has 40 images, fewer than one batch: 40 or less", ['--bs', 64]),
 ]
 
 @pytest.mark.parametrize('spoil,msg,opts', BAD_DATA, ids=['truncated', 'not_an_image', 'empty_class', 'no_val', 'under_one_batch'])
@@ -169,7 +167,7 @@ def test_bad_data_folder(spoil, msg, opts, nette_home, tmp_path):
     tree = shutil.copytree(nette_home/'data'/'imagenette2-160', tmp_path/'tree')
     if spoil: spoil(tree)
     out = tmp_path/'out'
-    p = bnet_train('--dataset', tree, '--epochs', 1, '--size', 32, '--bs', 8, *opts, '--out', out)
+    p = bnet_train('--dataset', tree, '--epochs', 1, '--size', 32, '--bs', 8, '--precision', 'fp32', *opts, '--out', out)
     assert p.returncode == 2 and re.search(msg, p.stderr), p.stderr[-3000:]
     assert len(err_lines(p.stderr)) == 1
     assert not out.exists()
@@ -179,7 +177,7 @@ def test_skip_bad_images(nette_home, tmp_path):
     tree = shutil.copytree(nette_home/'data'/'imagenette2-160', tmp_path/'tree')
     _truncate(tree)
     out = tmp_path/'out'
-    p = bnet_train('--dataset', tree, '--norm', 'bn', '--epochs', 1, '--size', 32, '--bs', 8, '--skip-bad-images', '--out', out)
+    p = bnet_train('--dataset', tree, '--norm', 'bn', '--epochs', 1, '--size', 32, '--bs', 8, '--skip-bad-images', '--precision', 'fp32', '--out', out)
     assert p.returncode == 0, p.stderr[-3000:]
     [line] = err_lines(p.stderr)
     assert re.fullmatch(r"warning: skipping 1 image that cannot be read: .*n03417042_0\.JPEG", line)
@@ -213,7 +211,88 @@ def test_console_script_exit_status_and_help(tmp_path):
     out = tmp_path/'out'
     p = bnet_train('--dataset', 'digits', '--opt', 'nope', '--out', out)
     assert p.returncode == 2 and "unknown optimizer 'nope'; valid names: ranger" in p.stderr and not out.exists()
-    h = bnet_train('--help')
+    h = bnet_train('--help', timeout=300)
+    assert h.returncode == 0
     for opt in ('--dataset', '--arch', '--norm', '--bnet-at', '--act', '--opt', '--epochs', '--lr', '--bs', '--size',
-                '--sched', '--wd', '--seeds', '--mixup', '--bf16', '--channels-last', '--out', '--resume'):
+                '--sched', '--wd', '--seeds', '--mixup', '--bf16', '--channels-last', '--out', '--resume', '--sync-bn',
+                '--keep-checkpoints', '--skip-bad-images', '--sa', '--label-smoothing', '--pool', '--mom', '--sqr-mom', '--eps',
+                '--recipe', '--precision', '--workers'):
         assert opt in h.stdout, opt
+    assert 'registry' not in h.stdout # the valid names themselves, never a pointer to where they are
+
+def _help(parser) -> dict:
+    "flag → its help text, from argparse's own actions (no parsing of the formatted page)."
+    return {a.option_strings[-1]: a.help for a in parser._actions if a.option_strings}
+
+def test_help_lists_choices_and_defaults():
+    "Every choice option lists the valid names of its registry; every default shown is `train_config`'s or `TRAIN_DEFAULTS`'."
+    h, choices = _help(train_parser()), option_choices()
+    assert set(choices) == {'dataset', 'arch', 'norm', 'bnet_at', 'act', 'opt', 'sched', 'recipe', 'pool', 'precision'}
+    for k, names in choices.items():
+        assert f"one of: {', '.join(names)}" in h['--' + k.replace('_', '-')], k
+    for k, v in config.TRAIN_DEFAULTS.items():
+        shown = f"(default: {v:g}" if isinstance(v, float) else f"(default: {v}"
+        if v is not None: assert shown in h['--' + k.replace('_', '-')], k
+
+def test_a_default_changed_in_one_place(monkeypatch):
+    "A default changed in `TRAIN_DEFAULTS`, or a name added to a registry, reaches both `--help` and `train_config`."
+    from bnet_fastai.norms import norm_registry
+    monkeypatch.setitem(config.TRAIN_DEFAULTS, 'lr', 0.0123)
+    monkeypatch.setitem(config.TRAIN_DEFAULTS, 'sched', 'one_cycle')
+    monkeypatch.setitem(norm_registry, 'bn_alias', norm_registry['bn'])
+    h = _help(train_parser())
+    assert h['--lr'].endswith('(default: 0.0123)') and h['--sched'].endswith('(default: one_cycle)') and 'bn_alias' in h['--norm']
+    cfg = train_config(dataset='digits')
+    assert (cfg.lr, cfg.sched) == (0.0123, 'one_cycle')
+    assert train_parser().parse_args([]).lr is None # not given: a recipe may still set it
+    with pytest.raises(ValueError, match="'bn' and 'bn_alias' are the same"): train_config(dataset='digits', norm='bn,bn_alias')
+
+BAD_NUMBERS = [  # (option, bad value, what the line says)
+    ('--lr', '-1', "--lr -1.0: must be > 0"), ('--lr', '0', "--lr 0.0: must be > 0"), ('--wd', '-0.1', "--wd -0.1: must be >= 0"),
+    ('--mixup', '-0.5', "--mixup -0.5: must be in [0, 1)"), ('--label-smoothing', '1', "--label-smoothing 1.0: must be in [0, 1)"),
+    ('--bs', '0', "--bs 0: must be >= 1"), ('--epochs', '0', "--epochs 0: must be >= 1"),
+    ('--size', '0', "--size 0: must be at least 9 for xresnet18"), ('--size', '7', "--size 7: must be at least 9 for xresnet18"),
+    ('--norm', 'bn,bnet,bnet', "--norm bn,bnet,bnet: 'bnet' is given twice"),
+    ('--norm', 'bnet,bnet3', "--norm bnet,bnet3: 'bnet' and 'bnet3' are the same"), ('--seeds', '0,1,0', "--seeds 0,1,0: 0 is given twice"),
+]
+
+@pytest.mark.parametrize('opt,val,msg', BAD_NUMBERS, ids=[f'{o}={v}' for o, v, _ in BAD_NUMBERS])
+def test_bad_value_is_one_line(opt, val, msg, tmp_path):
+    "Each bad value: exit 2, one line naming the option as a flag with the value and what is valid, and no output folder."
+    out = tmp_path/'out'
+    p = bnet_train('--dataset', 'digits', '--arch', 'xresnet18', opt, val, '--out', out, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    [line] = err_lines(p.stderr)
+    assert line.startswith(f"bnet-train: error: {msg}"), line
+    assert not out.exists()
+
+def test_python_errors_speak_python():
+    "The same checks from Python name the argument as Python does."
+    with pytest.raises(config.OptionError, match=re.escape("lr=-1.0: must be > 0")) as e: train_config(dataset='digits', lr=-1)
+    assert (e.value.option, e.value.value) == ('lr', -1.0)
+    from bnet_fastai.train import get_dls
+    with pytest.raises(ValueError, match=re.escape("bs=2000: the training set has 1438 images")): get_dls(train_config(dataset='digits', bs=2000))
+
+@pytest.mark.slow
+def test_divergence_stops_with_one_line(tmp_path):
+    "--lr 1e6: the run stops at the epoch its loss turns non-finite, one line naming it and the likely options, exit 1; summary.md says failed."
+    out = tmp_path/'div'
+    args = ['--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bn,bnet', '--size', 16, '--epochs', 2, '--precision', 'fp32']
+    p = bnet_train(*args, '--lr', '1e6', '--out', out)
+    assert p.returncode == 1, p.stderr[-3000:]
+    [line] = err_lines(p.stderr)
+    assert re.fullmatch(r"bnet-train: error: run bn seed 0 diverged in epoch (1|2): (train|valid) loss (nan|-?inf); "
+                        r"likely too large a step: --lr 1e\+06, --wd 0.01", line), line
+    summary = (out/'summary.md').read_text()
+    assert re.search(r"^\| bn \| 0 \| failed \|", summary, re.M) and '**failed**: bn: seed 0 diverged in epoch' in summary
+    assert 'bnet' not in summary.split('\n', 1)[1] # the runs after the failed one never started
+    # what --resume needs: no final weights, only a checkpoint of a good epoch, if one ended well
+    run = out/'bn_s0'
+    assert not (run/'model.pth').exists() and not (run/'metrics.json').exists()
+    if (run/'checkpoint.pth').exists():
+        import math
+        ck = torch.load(run/'checkpoint.pth', weights_only=False)
+        assert all(math.isfinite(v) for row in ck['values'] for v in row[:2])
+    # resuming with another lr is refused: the runs of a folder share their settings
+    r = bnet_train(*args, '--lr', '1e-3', '--out', out, '--resume', timeout=300)
+    assert r.returncode == 2 and "its runs used other settings (lr: 1000000.0 there, 0.001 now)" in r.stderr
