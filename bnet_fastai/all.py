@@ -11,6 +11,7 @@ __all__ = []
 import importlib
 from .layers import *
 from .placement import *
+from .registry import *
 from .norms import *
 from .activations import *
 from .models.xresnet import *
@@ -19,16 +20,27 @@ from .optimizers import *
 from .convert import *
 from .deploy import *
 from .data import *
+from .config import *
 from .train import *
+from .checkpoint import *
+from .runlog import *
+from .reports import *
 from .distributed import *
 from .fastai_patches import *
 from .recipes import *
 from .precision import *
+from .compare import *
+from .kernels import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'placement', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'train', 'distributed', 'fastai_patches', 'recipes', 'precision']
+_public = ['layers', 'placement', 'registry', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'config', 'train', 'checkpoint', 'runlog', 'reports', 'distributed', 'fastai_patches', 'recipes', 'precision', 'compare', 'kernels']
 # Names fastai also exports with another meaning: a star import after fastai's must not shadow them.
-# `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` or `opt_func='ranger'`.
+# `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` (`opt_func=ranger`) or `get_opt('ranger')`.
 _unlike_fastai = {'ranger'}
+# Machinery: importable from its module, but not what a user's star import should bring into a notebook.
+_machinery = {'set_bn_eval', 'mp_before_fit', 'learner_create_opt', 'to_best_precision', 'dl_broadcast', 'dl_rng',
+              'xsenet154_broken', 'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed', 'when_imported',
+              'rank_item', 'unwrap', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func', 'StopOnDivergence',
+              'resolve_options', 'RANGES', 'DATASET_DEFAULTS', 'LEADERBOARD_NOTES', 'preserved'}
 # `import *` re-exports only what `__all__` names, so collect every public module's names here.
-__all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__ if n not in _unlike_fastai]
+__all__ = [n for m in _public for n in importlib.import_module(f'bnet_fastai.{m}').__all__ if n not in _unlike_fastai | _machinery]

@@ -13,12 +13,12 @@ import torch, torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import AttrDict
-from fastcore.net import free_port
 from fastai.torch_core import num_distrib, rank_distrib, find_bs, distrib_barrier
 from fastai.learner import Learner, AvgMetric, AvgLoss
 from fastai.callback.core import Callback
 import fastai.distributed # adds `Learner.distrib_ctx`
 from .placement import bn_base
+from .fastai_patches import enable_sync_bn_norms
 
 # %% auto #0
 __all__ = ['barrier', 'sync_bn_types', 'distrib_env', 'is_rank0', 'init_distributed', 'gather_objects', 'rank_item',
@@ -121,16 +121,20 @@ def to_sync_bn(model:nn.Module, # A model whose BatchNorms (BNET's inner ones in
               ) -> nn.Module:
     "Convert every BatchNorm of `model` to a synchronised one, keeping its parameters and statistics."
     if cpu is None: cpu = not torch.cuda.is_available()
-    return _to_cpu_sync(model, process_group) if cpu else nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    if cpu: return _to_cpu_sync(model, process_group)
+    # PyTorch's SyncBatchNorm counts among fastai's norms only when asked: a model synchronised here keeps BN's weight decay rules
+    enable_sync_bn_norms()
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 # %% ../nbs/09_distributed.ipynb #d8af512c
 def launch_cmd(nproc:int, # Number of processes
                *args:str, # What `python` would run: a script path, or `-m` and a module, then its options
-               port:int|None=None, # `--master_port` (default: a free one)
+               port:int|None=None, # `--master_port` (default: `--standalone`, where the launcher binds a free port itself)
               ) -> list:
     "The command line that starts `args` in `nproc` processes on this machine with `torch.distributed.run`."
-    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-            '--master_addr', '127.0.0.1', '--master_port', str(port or free_port('127.0.0.1')), *args]
+    # A port picked here and bound later by the launcher could be taken in between; `--standalone` leaves no gap.
+    where = ['--master_addr', '127.0.0.1', '--master_port', str(port)] if port else ['--standalone']
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), *where, *args]
 
 # %% ../nbs/09_distributed.ipynb #c371e9d3
 def _gathered_batch(learn):

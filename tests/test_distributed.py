@@ -1,14 +1,14 @@
 "`bnet-train` in 2 CPU processes (gloo, loopback): SyncBatchNorm, rank-0-only outputs, whole-set metrics, kill and resume."
-import copy, os, signal, subprocess, time
+import copy, os, signal, subprocess
 from pathlib import Path
-import pandas as pd, psutil, pytest, torch
+import pandas as pd, pytest, torch
 from torch import nn
 from bnet_fastai.distributed import launch_cmd, CPUSyncBatchNorm
 from bnet_fastai.data import digits_dls
 from bnet_fastai.models.xresnet import xresnet18
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = ['-m', 'bnet_fastai.train', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--epochs', '1']
+CMD = ['-m', 'bnet_fastai.cli', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--precision', 'fp32', '--epochs', '1']
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope='module', autouse=True)
@@ -25,7 +25,7 @@ def _env() -> dict:
 
 def _launch(args, stats_dir=None, timeout=400) -> subprocess.CompletedProcess:
     "Run `args` in 2 processes; torchrun exits 0 only if every rank did. With `stats_dir`, through the norm-statistics probe."
-    if stats_dir: args = [str(ROOT/'tests'/'_norm_stats_probe.py'), str(stats_dir), *args[2:]] # args[:2] is `-m bnet_fastai.train`
+    if stats_dir: args = [str(ROOT/'tests'/'_norm_stats_probe.py'), str(stats_dir), *args[2:]] # args[:2] is `-m bnet_fastai.cli`
     return subprocess.run(launch_cmd(2, *args), env=_env(), capture_output=True, text=True, timeout=timeout)
 
 def _files(d:Path) -> list: return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
@@ -93,18 +93,12 @@ def test_without_sync_bn(tmp_path):
     assert any(not torch.equal(v, s1['stats'][k]) for k, v in s0['stats'].items() if 'running' in k)
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
+    "SIGKILL to the launcher and both ranks at epoch 2, batch 2, sent by rank 0 itself (no timing), then --resume."
     out, ckpt = tmp_path/'out', tmp_path/'out'/'bnet_s0'/'checkpoint.pth'
     args = CMD[:-1] + ['2', '--size', '16', '--sync-bn', '--out', str(out)]
-    with open(tmp_path/'log', 'w') as log:
-        p = subprocess.Popen(launch_cmd(2, *args), env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        while not ckpt.exists():
-            assert p.poll() is None and time.time() - t0 < 400, (tmp_path/'log').read_text()[-3000:]
-            time.sleep(0.2)
-        procs = psutil.Process(p.pid).children(recursive=True) # the two ranks run in their own sessions
-        assert len(procs) >= 2
-        for q in procs + [psutil.Process(p.pid)]: q.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
+    probe = [str(ROOT/'tests'/'_interrupt_probe.py'), '2', '2', *args[2:]] # args[:2] is `-m bnet_fastai.cli`
+    res = subprocess.run(launch_cmd(2, *probe), env={**_env(), 'PROBE_KILL_LAUNCH': '1'}, capture_output=True, text=True, timeout=400)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     state = torch.load(ckpt, weights_only=False)
     assert state['epoch'] == 1 # killed during the second epoch
     first = pd.read_csv(out/'bnet_s0'/'history.csv')
@@ -118,11 +112,11 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert (out/'bnet_s0'/'model.pth').exists() and (out/'bnet_s0'/'metrics.json').exists() and (out/'summary.md').exists()
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_cpu_sync_bn_under_autocast(dtype, monkeypatch):
+def test_cpu_sync_bn_under_autocast(dtype, monkeypatch, tmp_path):
     "`--bf16 --sync-bn` on gloo: `CPUSyncBatchNorm` in a one-process group under autocast matches BatchNorm there, in the input's dtype."
     import torch.distributed as dist
-    from fastcore.net import free_port
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port("127.0.0.1")}', rank=0, world_size=1)
+    # a file store: no port to pick and then bind
+    dist.init_process_group('gloo', init_method=(tmp_path/'store').as_uri(), rank=0, world_size=1)
     try:
         monkeypatch.setattr(CPUSyncBatchNorm, '_syncs', lambda self: True) # the synchronised path, though the group has one process
         torch.manual_seed(0)

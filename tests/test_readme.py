@@ -60,9 +60,9 @@ def shown_commands() -> list:
 def test_shown_commands_are_current():
     "Each `bnet-train` command the docs show parses, passes bnet-train's checks, and uses no deprecated option."
     import inspect, warnings
-    from fastcore.script import anno_parser
-    from bnet_fastai.train import main, train_config
-    cmds, parser, keys = shown_commands(), anno_parser(main), set(inspect.signature(train_config).parameters)
+    from bnet_fastai.cli import train_parser
+    from bnet_fastai.config import train_config
+    cmds, parser, keys = shown_commands(), train_parser(), set(inspect.signature(train_config).parameters)
     assert len(cmds) >= 5 and {n for n, _ in cmds} >= {'README.md', '08_train.ipynb', '20_experiment.ipynb'}
     for name, cmd in cmds:
         args = vars(parser.parse_args(cmd.split()[1:]))

@@ -129,9 +129,9 @@ def test_same_seed_same_metrics(nette_home, use_home, tmp_path):
 
 BAD = [
     (dict(arch='resnet9'), r"unknown arch 'resnet9'; valid archs: .*xresnet18, .*xresnet50"),
-    (dict(norm='bn,groupnorm'), r"unknown norm 'groupnorm'; valid names: bn, bnet"),
-    (dict(opt='sgdx'), r"unknown optimizer 'sgdx'; valid names: ranger"),
-    (dict(act='tanhx'), r"unknown activation 'tanhx'; valid names: relu"),
+    (dict(norm='bn,groupnorm'), r"unknown norm 'groupnorm'; valid norms: bn, bnet"),
+    (dict(opt='sgdx'), r"unknown optimizer 'sgdx'; valid optimizers: ranger"),
+    (dict(act='tanhx'), r"unknown activation 'tanhx'; valid activations: relu"),
     (dict(dataset='mnist'), r"unknown dataset 'mnist'; valid datasets: imagenette, imagewoof, digits, or an existing folder"),
     (dict(sched='step'), r"unknown sched 'step'; valid scheds: one_cycle, flat_cos"),
     (dict(bnet_at='first'), r"unknown bnet_at='first'; valid choices: 'all', 'last'"),
@@ -210,7 +210,7 @@ def test_existing_out_needs_resume(tmp_path, capsys):
 def test_console_script_exit_status_and_help(tmp_path):
     out = tmp_path/'out'
     p = bnet_train('--dataset', 'digits', '--opt', 'nope', '--out', out)
-    assert p.returncode == 2 and "unknown optimizer 'nope'; valid names: ranger" in p.stderr and not out.exists()
+    assert p.returncode == 2 and "unknown optimizer 'nope'; valid optimizers: ranger" in p.stderr and not out.exists()
     h = bnet_train('--help', timeout=300)
     assert h.returncode == 0
     for opt in ('--dataset', '--arch', '--norm', '--bnet-at', '--act', '--opt', '--epochs', '--lr', '--bs', '--size',

@@ -132,8 +132,8 @@ def test_bnet_init_survives_timm_init():
 
 def test_bad_names_raise_where_passed():
     for build in zoo.values():
-        with pytest.raises(ValueError, match="'gn'.*valid names"): build(norm='gn')
-        with pytest.raises(ValueError, match="'tanhexp'.*valid names"): build(act_cls='tanhexp')
+        with pytest.raises(ValueError, match="'gn'.*valid norms"): build(norm='gn')
+        with pytest.raises(ValueError, match="'tanhexp'.*valid activations"): build(act_cls='tanhexp')
     with pytest.raises(ValueError, match='no residual branch'): mininest_ba(zero_init_residual=True)
 
 def test_sa_and_xresnet_options(xb):
