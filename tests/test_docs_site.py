@@ -3,7 +3,7 @@
 Needs the site built (`python docs/build.py`) and Debian's `chromium` and `chromium-driver`; `make test` provides all three
 (without apt the browser tests skip, unless BNET_REQUIRE_BROWSER=1, as in CI). The test installs nothing: it serves
 docs/_site/ on 127.0.0.1 and drives the browser through chromedriver, with every other host unreachable."""
-import http.server, importlib.util, inspect, json, os, re, shutil, subprocess, sys, threading, time, uuid
+import http.server, importlib.util, inspect, json, os, re, shutil, subprocess, sys, threading, uuid
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -66,11 +66,16 @@ def browser(tmp_path_factory):
     yield drv
     drv.quit()
 
+def _wait(drv, js:str, what:str, limit:float=60):
+    "Wait until the script `js` returns something truthy, or fail naming `what` (never go on silently)."
+    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.common.exceptions import TimeoutException
+    try: return WebDriverWait(drv, limit, poll_frequency=0.05).until(lambda d: d.execute_script(js))
+    except TimeoutException: pytest.fail(f"{what}: not within {limit:g} s at {drv.current_url}")
+
 def _open(drv, url):
     drv.get(url)
-    for _ in range(100):
-        if drv.execute_script('return document.readyState') == 'complete': return
-        time.sleep(0.05)
+    _wait(drv, "return document.readyState == 'complete'", 'page load')
 
 def _pages():
     cfg = get_config(root)
@@ -94,9 +99,7 @@ def test_math_renders_offline(site, browser):
     _open(browser, site.url + 'optimizers.html')
     srcs = browser.execute_script("return Array.from(document.scripts).map(s => s.src).filter(s => s)")
     assert srcs and all(s.startswith(site.url) for s in srcs), f'scripts from elsewhere: {[s for s in srcs if not s.startswith(site.url)]}'
-    for _ in range(200):  # MathJax typesets after the page has loaded
-        if browser.execute_script("return document.querySelectorAll('mjx-container').length"): break
-        time.sleep(0.05)
+    _wait(browser, "return document.querySelectorAll('mjx-container').length", 'MathJax typesetting') # after the page has loaded
     math = browser.find_elements(By.CSS_SELECTOR, 'article mjx-container')
     assert math and all(m.is_displayed() and m.size['width'] > 0 for m in math), 'no typeset formula on the page'
     text = browser.find_element(By.TAG_NAME, 'article').text

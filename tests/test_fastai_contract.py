@@ -134,7 +134,7 @@ BEHAVIOUR = textwrap.dedent('''
     torch.manual_seed(0); x = xresnet18(n_out=3)
     r = subprocess.run([sys.executable, '-c', 'import pickle, sys; m = pickle.load(sys.stdin.buffer); '
                         'print(type(m).__module__, type(m).__name__, sum(p.numel() for p in m.parameters()), "bnet_fastai" in sys.modules)'],
-                       input=pickle.dumps(x), capture_output=True)
+                       input=pickle.dumps(x), capture_output=True, timeout=300)
     out['pickle'] = r.stdout.decode().strip() or r.stderr.decode()[-300:]
     from fastai.callback.fp16 import MixedPrecision
     set_seed(0) # the loaders' shuffling draws from Python's generator too
