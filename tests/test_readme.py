@@ -63,7 +63,7 @@ def test_shown_commands_are_current():
     from bnet_fastai.cli import train_parser
     from bnet_fastai.config import train_config
     cmds, parser, keys = shown_commands(), train_parser(), set(inspect.signature(train_config).parameters)
-    assert len(cmds) >= 5 and {n for n, _ in cmds} >= {'README.md', '08_train.ipynb', '20_experiment.ipynb'}
+    assert len(cmds) >= 5 and {n for n, _ in cmds} >= {'README.md', '08e_cli.ipynb', '20_experiment.ipynb', '21_convergence.ipynb'}
     for name, cmd in cmds:
         args = vars(parser.parse_args(cmd.split()[1:]))
         with warnings.catch_warnings():
