@@ -2,6 +2,7 @@
 import pytest, torch, torch.nn.functional as F
 from torch import nn
 from bnet_fastai.layers import BNET
+from _bnet_ref import is_lean
 
 convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 sizes = {1: (4, 5, 11), 2: (3, 5, 9, 8), 3: (2, 5, 7, 6, 7)}
@@ -17,16 +18,6 @@ def plain_train(x, w, b, rm, rv, momentum, eps):
     return convs[x.dim()-2](y, w, b, padding=w.shape[-1]//2, groups=x.shape[1])
 
 def grads(y, ins, g): return torch.autograd.grad(y, ins, g)
-
-def is_lean(y):
-    "Whether the lean path's backward node is in `y`'s graph."
-    todo, seen = [y.grad_fn], set()
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen: continue
-        if 'Lean' in type(f).__name__: return True
-        seen.add(f); todo += [n for n, _ in f.next_functions]
-    return False
 
 @pytest.mark.parametrize('ndim', [1, 2, 3])
 @pytest.mark.parametrize('ks', [1, 3, 5, 7])

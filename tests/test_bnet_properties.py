@@ -5,13 +5,15 @@ from pathlib import Path
 import pytest, torch, torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from bnet_fastai.layers import BNET
+from _bnet_ref import is_lean
 
 ROOT = Path(__file__).resolve().parents[1]
 convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 layouts = {2: torch.channels_last, 3: torch.channels_last_3d}
 # Error allowed, as a fraction of the same sums taken over absolute values (so it scales with each entry's condition):
-# fp64 and fp32 a few hundred roundings of accumulation; bf16 (8 significant bits, 2**-8 ≈ 0.4%) about ten roundings.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}
+# fp64 and fp32 a few hundred roundings of accumulation; bf16 (8 significant bits, 2**-8 ≈ 0.4%) about twenty-five
+# roundings: with 3 values per channel, BN's input grad cancels, and both paths reach 0.052 × bound there alike.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-1}
 
 def reference(x, w, b, rm, rv, training, momentum=0.1, eps=1e-5):
     "BNET in float64 from first principles: per-channel mean and biased variance, normalise, depthwise conv."
@@ -42,16 +44,6 @@ def abs_bounds(xh, w, g, training):
 def close(got, exp, bound, tol, what):
     err = (got.double() - exp.detach()).abs()
     assert bool((err <= tol * bound).all()), f"{what}: max error {err.max().item():.3g}, allowed {tol} × bound"
-
-def lean_ran(y):
-    "Whether the lean path's backward node is in `y`'s graph."
-    todo, seen = [y.grad_fn], set()
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen: continue
-        if 'Lean' in type(f).__name__: return True
-        seen.add(f); todo += [n for n, _ in f.next_functions]
-    return False
 
 @st.composite
 def cases(draw):
@@ -85,7 +77,7 @@ def test_paths_match_reference_maths(c):
     (x64, w64, b64), xh, ref, ref_rm, ref_rv = reference(x, m.conv.weight, m.conv.bias, rm, rv, c['training'])
     y = m(x)
     # The lean path runs in training unless forced off (None: lean, as no autocast is on); eval uses running stats, plain.
-    assert lean_ran(y) == (c['training'] and c['lean'] is not False)
+    assert is_lean(y) == (c['training'] and c['lean'] is not False)
     assert y.dtype == dt and y.shape == x.shape
     g = torch.randn(y.shape).to(dt)
     got = torch.autograd.grad(y, (x, m.conv.weight, m.conv.bias), g)

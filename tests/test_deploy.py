@@ -9,7 +9,7 @@ from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
 from bnet_fastai.deploy import fuse_bnet, export_onnx
 from bnet_fastai.fastai_patches import enable_cpu_amp
 from _digits import digits_dls
-from test_convert import check_bnets_match_reference, off_centre
+from _bnet_ref import check_bnets_match_reference, off_centre
 
 _bn = nn.modules.batchnorm._BatchNorm
 

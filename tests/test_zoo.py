@@ -8,7 +8,7 @@ from bnet_fastai.activations import Mila, Swish, BentID
 from bnet_fastai.models import xresnet as bx
 from bnet_fastai.models.zoo import zoo_registry as zoo, mininet, xsemininet, mininest_ba, mininest_bn
 from bnet_fastai.placement import branch_last_norms
-from test_convert import check_bnets_match_reference, off_centre
+from _bnet_ref import check_bnets_match_reference, off_centre
 
 NORMS = ['bn', 'bnet', 'bnet5']
 ACTS = {'relu': nn.ReLU, 'mish': nn.Mish, 'swish': Swish, 'mila': Mila, 'bent_id': BentID}
