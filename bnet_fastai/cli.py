@@ -69,7 +69,9 @@ def main(argv=None, # Command-line arguments, a list; `None` reads `sys.argv` (n
         print(e if isinstance(e, RunInterrupted) else "interrupted; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
     out = Path(kwargs.get('out', 'runs'))
-    if is_rank0(): print(f"{table}\n\nsummary: {out/'summary.md'}\ncurves:  {out/'curves.png'}")
+    if is_rank0():
+        kernels = f"\nkernels: {out/'kernels.png'}" if (out/'kernels.png').exists() else ''
+        print(f"{table}\n\nsummary: {out/'summary.md'}\ncurves:  {out/'curves.png'}{kernels}")
 
 # %% ../nbs/08e_cli.ipynb #ad7474e4
 if __name__ == '__main__': main() # `python -m bnet_fastai.cli`, as under `torchrun`

@@ -19,7 +19,7 @@ from .placement import check_placement, placements
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
 from .recipes import recipe_registry, LEADERBOARD_NOTES
-from .precision import PRECISIONS, choose_precision
+from .precision import PRECISIONS, choose_precision, cpu_bf16_native, cuda_bf16_native
 
 # %% auto #0
 __all__ = ['DATASETS', 'SCHEDS', 'POOLS', 'TRAIN_DEFAULTS', 'DATASET_DEFAULTS', 'RANGES', 'option_choices', 'OptionError',
@@ -51,14 +51,16 @@ class OptionError(ValueError):
         "The same message with the option spelt as a command-line flag."
         return f"--{self.option.replace('_', '-')} {self.value}: {self.valid}"
 
-# option → (lowest, highest or None, whether the lowest is excluded): every range is [lo, hi) or (lo, hi)
+# option → (lowest, highest or None, whether the lowest is excluded[, whether the highest is: default yes]): [lo, hi), (lo, hi) or (lo, hi]
 RANGES = dict(lr=(0, None, True), wd=(0, None, False), mixup=(0, 1, False), label_smoothing=(0, 1, False),
-              mom=(0, 1, False), sqr_mom=(0, 1, False), eps=(0, None, True), epochs=(1, None, False), bs=(1, None, False))
+              mom=(0, 1, False), sqr_mom=(0, 1, False), eps=(0, None, True), epochs=(1, None, False), bs=(1, None, False),
+              target_acc=(0, 1, True, False)) # an accuracy of 100% is a target a run can reach
 
-def _check_range(k, v, lo, hi, lo_open):
+def _check_range(k, v, lo, hi, lo_open, hi_open=True):
     if v is None: return
-    if (v > lo if lo_open else v >= lo) and (hi is None or v < hi): return # NaN fails both comparisons
-    valid = (f"must be {'>' if lo_open else '>='} {lo:g}" if hi is None else f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g})")
+    if (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi)): return # NaN fails both comparisons
+    valid = (f"must be {'>' if lo_open else '>='} {lo:g}" if hi is None else
+             f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
     raise OptionError(k, v, valid)
 
 # %% ../nbs/08a_config.ipynb #673e0d03
@@ -139,6 +141,10 @@ def _check_arch_options(o:dict):
         raise ValueError(f"arch {o['arch']!r} has no {' or '.join(missing)} option; archs that have it: {', '.join(ok)}")
 
 # %% ../nbs/08a_config.ipynb #4e15057b
+def _bf16_native() -> bool:
+    "Whether the training device (CUDA if there is one, else the CPU, as `choose_precision` takes it) computes bf16 natively."
+    return cuda_bf16_native() if torch.cuda.is_available() else cpu_bf16_native()
+
 def train_config(
     dataset:str='imagenette', # A data set, or a folder holding train/<class>/ and val/<class>/
     arch:str=None, # Architecture
@@ -153,6 +159,7 @@ def train_config(
     sched:str=None, # Schedule: fastai's fit_one_cycle or fit_flat_cos
     wd:float=None, # Weight decay
     seeds:str='0', # Seeds, comma-separated; each norm is trained once per seed
+    target_acc:float=None, # Valid accuracy (0-1) the convergence section counts epochs to (default: 95% of the best norm's final accuracy)
     mixup:float=None, # MixUp alpha; 0 turns it off
     bf16:bool=False, # Deprecated: same as precision bf16
     channels_last:bool=False, # Use the channels-last memory format
@@ -165,7 +172,7 @@ def train_config(
     sqr_mom:float=None, # Optimizer second-moment decay (default: the optimizer's)
     eps:float=None, # Optimizer epsilon (default: the optimizer's)
     recipe:str='none', # leaderboard: every option a recipe sets at fastai's Imagenette leaderboard values; options given explicitly win
-    precision:str='auto', # auto: bf16 where the device has native bf16 units, else fp32
+    precision:str='auto', # auto: where the device has native bf16 units, whichever of bf16 and fp32 trains faster, measured before the first run; else fp32
 ) -> AttrDict:
     "Check every training option and return them as one config; raise a `ValueError` naming any bad value. An option left `None` takes `recipe`'s value, else `TRAIN_DEFAULTS`'."
     _check_dataset(dataset)
@@ -192,9 +199,12 @@ def train_config(
         if precision not in ('auto', 'bf16'): raise ValueError(f"bf16=True contradicts precision={precision!r}; drop bf16 (deprecated)")
         warnings.warn("bf16 is deprecated; use precision='bf16' (--precision bf16)", DeprecationWarning)
         precision = 'bf16'
-    precision, why = choose_precision(precision)
+    asked = precision
+    # `auto` on native bf16 is measured on the real models, which `train` builds: left unresolved here
+    precision, why = ('auto', 'auto: to be measured') if precision == 'auto' and _bf16_native() else choose_precision(precision)
     return AttrDict(dataset=str(dataset), arch=o['arch'], norms=norms, bnet_at=bnet_at, act=o['act'], opt=o['opt'], epochs=kw['epochs'],
                     lr=o['lr'], bs=o['bs'], size=o['size'], sched=o['sched'], wd=o['wd'], seeds=seeds, mixup=float(o['mixup']),
-                    precision=precision, precision_why=why, channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
+                    precision=precision, precision_why=why, precision_asked=asked, precision_timings={}, precision_probe_s=None,
+                    target_acc=kw['target_acc'], channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
                     sa=bool(o['sa']), label_smoothing=float(o['label_smoothing']), pool=o['pool'], mom=o['mom'], sqr_mom=o['sqr_mom'],
                     eps=o['eps'], recipe=recipe, overrides=overrides, recipe_notes=list(LEADERBOARD_NOTES) if recipe == 'leaderboard' else [])

@@ -12,6 +12,8 @@ import numpy as np, pandas as pd
 from fastcore.basics import AttrDict
 from .checkpoint import _atomic_write
 from .recipes import leaderboard_comparison
+from .compare import comparison_markdown, comparison_lines, convergence, mark_convergence
+from .kernels import kernel_line, plot_bnet_kernels
 
 # %% auto #0
 __all__ = ['summary_table', 'plot_curves', 'write_run', 'write_outputs']
@@ -50,8 +52,9 @@ def summary_table(results:dict, # norm → list of final-metrics dicts, one per 
 # %% ../nbs/08d_reports.ipynb #9c24ef58
 def plot_curves(histories:dict, # norm → list of history DataFrames, one per seed
                 fname:Path, # The PNG to write
+                conv:pd.DataFrame|None=None, # From `convergence`: marks the target accuracy and the epoch each norm reaches it
                ):
-    "Plot valid loss and accuracy per epoch for each norm (mean over seeds, band from min to max)."
+    "Plot valid loss and accuracy per epoch for each norm (mean over seeds, band from min to max), and where each reaches the target accuracy."
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator, PercentFormatter
     fig, axs = plt.subplots(1, 2, figsize=(10, 4))
@@ -63,6 +66,7 @@ def plot_curves(histories:dict, # norm → list of history DataFrames, one per s
             ep = hs[0]['epoch'].to_numpy() # counted from 1, as in history.csv
             ax.plot(ep, v.mean(0), marker='o', color=c, label=norm)
             if len(hs) > 1: ax.fill_between(ep, v.min(0), v.max(0), color=c, alpha=0.2)
+    if conv is not None: mark_convergence(axs[1], conv, colors={n: f'C{i}' for i, n in enumerate(histories)})
     for ax, (_, _, lbl) in zip(axs, panels):
         ax.set(xlabel='epoch', ylabel=lbl, title=lbl.split(' (')[0]); ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -76,15 +80,47 @@ def write_run(run_dir:Path, metrics:dict):
     "Write one run's final metrics as `metrics.json`."
     _atomic_write(Path(run_dir)/'metrics.json', lambda f: Path(f).write_text(json.dumps(metrics, indent=2)))
 
+def _precision_line(cfg:AttrDict) -> str:
+    "The precision a comparison ran in, why, and what measuring it cost."
+    probe = f"; measured in {cfg.precision_probe_s:.1f} s" if cfg.get('precision_probe_s') is not None else ''
+    return f"precision {cfg.precision} ({cfg.precision_why}{probe})"
+
+def _finished(out:Path, cfg:AttrDict, results:dict) -> tuple:
+    "The finished runs: norm → metrics, norm → history DataFrames, norm → seeds, in `cfg.seeds`' order; a norm with none left out."
+    res, hists, seeds = {}, {}, {}
+    for n, ms in results.items():
+        ss = [s for s, m in zip(cfg.seeds, ms) if 'failed' not in m]
+        if not ss: continue
+        res[n], seeds[n] = [m for m in ms if 'failed' not in m], ss
+        hists[n] = [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s in ss]
+    return res, hists, seeds
+
+def _kernels(out:Path, seeds:dict) -> dict:
+    "norm → the kernel summary (`kernels.csv`) of its first finished run, for the norms with BNETs."
+    fs = {n: _run_dir(out, n, ss[0])/'kernels.csv' for n, ss in seeds.items()}
+    return {n: pd.read_csv(f) for n, f in fs.items() if f.exists()}
+
 def write_outputs(out:Path, # The output folder
                   cfg:AttrDict, # From `train_config`
                   results:dict, # norm → list of final-metrics dicts, one per seed run so far (in `cfg.seeds`' order)
-                 ) -> str:
-    "Write `summary.md` and `curves.png` for the runs in `out` that exist (no plot when none finished); return the table."
+                 ) -> str: # The table, then the findings as lines: verdicts, convergence, stability, BNET kernels
+    "Write `summary.md`, `curves.png` and (for norms with BNETs) `kernels.png` for the runs in `out` that exist; the comparison uses the finished runs."
     out = Path(out)
     table = summary_table(results) + leaderboard_comparison(cfg, _done(results))
-    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, precision {cfg.precision} ({cfg.precision_why})\n\n"
-    (out/'summary.md').write_text(head + table + '\n')
-    hists = {n: [pd.read_csv(_run_dir(out, n, s)/'history.csv') for s, m in zip(cfg.seeds, ms) if 'failed' not in m] for n, ms in results.items()}
-    if any(hists.values()): plot_curves({n: hs for n, hs in hists.items() if hs}, out/'curves.png')
-    return table
+    head = f"# {cfg.arch} on {cfg.dataset}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, {cfg.sched}, {cfg.opt}, lr {cfg.lr:g}, bs {cfg.bs}, size {cfg.size}, bnet_at {cfg.bnet_at}, {_precision_line(cfg)}\n\n"
+    res, hists, seeds = _finished(out, cfg, results)
+    target, md, lines = cfg.get('target_acc'), '', []
+    if res: # none finished: no comparison and no plot
+        md = '\n\n' + comparison_markdown(res, hists, seeds, target)
+        lines = comparison_lines(res, hists, seeds, target)
+        plot_curves(hists, out/'curves.png', convergence(hists, seeds, res, target))
+    if ks := _kernels(out, seeds):
+        klines = [kernel_line(k, n) for n, k in ks.items()]
+        plot_bnet_kernels(ks, out/'kernels.png')
+        md += ("\n## BNET kernels\n\nThe share of each BNET depthwise kernel's absolute weight off its centre tap (0 for a plain BatchNorm), "
+               f"in each norm's first finished run (seed {', '.join(map(str, sorted({seeds[n][0] for n in ks})))}); per layer in kernels.png.\n\n"
+               + '\n'.join(f"- {l}" for l in klines) + '\n')
+        lines += klines
+    (out/'summary.md').write_text(head + table + md + '\n')
+    return table + ('\n\n' + '\n'.join(lines) if lines else '')
+

@@ -6,7 +6,7 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/train.html.md"""
 
 # %% ../nbs/08_train.ipynb #4a55bac2
 from __future__ import annotations
-import json, math, sys, warnings
+import json, math, sys, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
@@ -26,16 +26,17 @@ from .data import digits_dls, imagenette_dls, image_folder_dls, IMAGENETTE_CLASS
 from .models.xresnet import arch_registry
 from .optimizers import get_opt
 from .activations import get_act
-from .precision import precision_cbs
+from .precision import precision_cbs, choose_precision, time_precisions, clear_choice
+from .kernels import bnet_layers, bnet_kernel_summary
 from .config import train_config, OptionError, TRAIN_DEFAULTS, POOLS, SCHEDS, DATASETS
 from .checkpoint import EpochCheckpoint, _atomic_write
 from .runlog import RunLogger, EpochLines
-from .reports import summary_table, write_outputs, write_run, _run_dir
+from .reports import summary_table, write_outputs, write_run, _run_dir, _precision_line
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, unwrap
 
 # %% auto #0
 __all__ = ['get_dls', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func', 'build_learner', 'RunInterrupted', 'RunDiverged',
-           'StopOnDivergence', 'train_run', 'train']
+           'StopOnDivergence', 'train_run', 'resolve_precision', 'train']
 
 # %% ../nbs/08_train.ipynb #3314199e
 def get_dls(cfg:AttrDict, # From `train_config`
@@ -69,6 +70,8 @@ def cfg_opt_func(cfg:dict):
 
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     "A `Learner` for one run of `cfg` with `norm`: model from `arch_registry`, optimizer from `opt_registry`."
+    if cfg.precision == 'auto': # measured on the real models by `train`, before its first run
+        raise ValueError("precision='auto' is resolved by `train`, which times bf16 against fp32 on the models; pass precision='fp32' or 'bf16' here")
     n_out = len(dls.vocab)
     model = arch_registry[cfg.arch](n_out=n_out, norm=norm, bnet_at=cfg.bnet_at, act_cls=get_act(cfg.act), **cfg_model_kwargs(cfg))
     metrics = [accuracy] + ([top_k_accuracy] if n_out >= 10 else [])
@@ -150,11 +153,16 @@ def train_run(cfg:AttrDict, # From `train_config`
         ckpt.with_name(ckpt.name + '.tmp').unlink(missing_ok=True) # a save cut short; the last checkpoint stands
         raise RunInterrupted(max(learn.epoch, cp.start) + 1) from None
     if stop.diverged: raise RunDiverged(norm, seed, learn.epoch + 1, *stop.diverged, cfg)
-    if is_rank0(): _atomic_write(run_dir/'model.pth', lambda f: torch.save(unwrap(learn.model).state_dict(), f))
+    if is_rank0():
+        model = unwrap(learn.model)
+        _atomic_write(run_dir/'model.pth', lambda f: torch.save(model.state_dict(), f))
+        # what each BNET's kernel learned, for the report's kernel section
+        if bnet_layers(model): _atomic_write(run_dir/'kernels.csv', lambda f: bnet_kernel_summary(model).to_csv(f, index=False))
     return _final_metrics(learn, cp.epoch_times)
 
 # %% ../nbs/08_train.ipynb #d032d35b
-_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'precision', 'channels_last',
+# precision is compared apart: `auto` stays compatible with what it resolved to when the runs began
+_keep = ('dataset', 'arch', 'bnet_at', 'act', 'opt', 'epochs', 'lr', 'bs', 'size', 'sched', 'wd', 'mixup', 'channels_last',
          'sa', 'label_smoothing', 'pool', 'mom', 'sqr_mom', 'eps', 'recipe')
 
 def _check_out(out:Path, cfg:AttrDict, resume:bool):
@@ -164,7 +172,39 @@ def _check_out(out:Path, cfg:AttrDict, resume:bool):
     if not resume: raise ValueError(f"{out} already holds runs: pass --resume to continue them, or choose another --out")
     old = json.loads(f.read_text())
     diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in _keep if old.get(k) != cfg[k]]
+    if cfg.precision_asked != 'auto' and old.get('precision') != cfg.precision:
+        diff.append(f"precision: {old.get('precision')!r} there, {cfg.precision!r} now")
     if diff: raise ValueError(f"cannot resume in {out}: its runs used other settings ({'; '.join(diff)})")
+
+_precision_keys = ('precision', 'precision_why', 'precision_timings', 'precision_probe_s')
+
+def _probe(cfg:AttrDict, exclude:list|None=None):
+    "`choose_precision`'s probe for `cfg`: each norm's learner, built as its first run builds it, timed in each precision; times summed over the norms."
+    def probe(precisions) -> dict:
+        res = dict.fromkeys(precisions, 0.)
+        for norm in cfg.norms:
+            set_seed(cfg.seeds[0], reproducible=True)
+            learn = build_learner(AttrDict({**cfg, 'precision': 'fp32'}), norm, get_dls(cfg, check=False, exclude=exclude))
+            for p, t in time_precisions(learn, precisions, stop=clear_choice).items(): res[p] += t
+        return res
+    return probe
+
+def resolve_precision(cfg:AttrDict, # From `train_config`
+                      out:Path, # The output folder
+                      resume:bool=False, # Reuse the choice `out/config.json` records, if `auto` was asked
+                      exclude:list|None=None, # Image files to leave out
+                     ) -> AttrDict:
+    "`cfg` with `precision='auto'` resolved: the recorded choice on resume, else measured on `cfg`'s models where the device has native bf16."
+    f = Path(out)/'config.json'
+    if cfg.precision_asked == 'auto' and resume and f.exists():
+        old = json.loads(f.read_text())
+        return AttrDict({**cfg, **{k: old.get(k, cfg[k]) for k in _precision_keys}})
+    if cfg.precision != 'auto': return cfg
+    t = time.perf_counter()
+    # One precision for every norm, from their summed step times: the norms are compared like for like
+    c = choose_precision('auto', probe=_probe(cfg, exclude))
+    return AttrDict({**cfg, 'precision': c.precision, 'precision_why': c.reason, 'precision_timings': c.timings,
+                     'precision_probe_s': round(time.perf_counter() - t, 2)})
 
 @delegates(train_config)
 def train(out:str|Path='runs', # Output folder: per-run history, checkpoints and metrics, summary.md, curves.png
@@ -173,7 +213,7 @@ def train(out:str|Path='runs', # Output folder: per-run history, checkpoints and
           skip_bad_images:bool=False, # Leave out images that cannot be decoded, with a warning naming them, instead of stopping
           **kwargs, # Options of `train_config`
          ) -> str:
-    "Train each norm in `norm` with each seed, then write `summary.md` and `curves.png`; return the table."
+    "Train each norm in `norm` with each seed, then write `summary.md`, `curves.png` and `kernels.png`; return the table and the findings."
     cfg, out = train_config(**kwargs), Path(out)
     _check_out(out, cfg, resume)
     init_distributed()
@@ -186,9 +226,12 @@ def train(out:str|Path='runs', # Output folder: per-run history, checkpoints and
             warnings.simplefilter('ignore', ResourceWarning) # fastai leaves config.ini open when it first writes it: not the user's to act on
             exclude = getattr(get_dls(cfg, check=True, skip_bad_images=skip_bad_images), 'skipped_images', [])
         for w in ws: print(f"warning: {w.message}", file=sys.stderr)
+        cfg = resolve_precision(cfg, out, resume, exclude)
+        if cfg.precision_asked == 'auto': print(_precision_line(cfg), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out/'config.json').write_text(json.dumps({k: v for k, v in cfg.items() if k != 'workers'}, indent=2))
-    barrier() # the other ranks wait for the data
+    barrier() # the other ranks wait for the data, and for the precision rank 0 chose
+    if not is_rank0(): cfg = AttrDict({**cfg, **{k: v for k, v in json.loads((out/'config.json').read_text()).items() if k in _precision_keys}})
     results, runs = {n: [] for n in cfg.norms}, [(n, s) for n in cfg.norms for s in cfg.seeds]
     for i, (norm, seed) in enumerate(runs):
         rd = _run_dir(out, norm, seed)

@@ -108,8 +108,9 @@ def test_config_maps_the_old_flag(monkeypatch):
     fake_cpu(monkeypatch, native=True)
     with pytest.warns(DeprecationWarning, match='--precision bf16'): cfg = train_config(dataset='digits', bf16=True)
     assert cfg.precision == 'bf16'
-    assert train_config(dataset='digits').precision == 'bf16' # auto, on a CPU with bf16 units
-    with pytest.raises(ValueError, match='--bf16 contradicts --precision fp32'): train_config(dataset='digits', bf16=True, precision='fp32')
+    cfg = train_config(dataset='digits') # auto, on a CPU with bf16 units: left for `train` to measure on the models
+    assert (cfg.precision, cfg.precision_asked) == ('auto', 'auto')
+    with pytest.raises(ValueError, match="bf16=True contradicts precision='fp32'"): train_config(dataset='digits', bf16=True, precision='fp32')
     fake_cpu(monkeypatch)
     cfg = train_config(dataset='digits')
     assert (cfg.precision, cfg.precision_why) == ('fp32', 'auto: this CPU has no native bf16')
@@ -239,3 +240,72 @@ def test_clear_round_stops_the_probe(monkeypatch):
             return step
         monkeypatch.setattr(bp, '_trainer', trainer)
         assert time_precisions(tiny_learner(), stop=clear_choice) == {'fp32': 1.0, 'bf16': bf16} and len(calls) == n
+
+# `train` resolves `auto`: measured on the real models where bf16 is native, recorded, reused on resume
+import bnet_fastai.train as bt
+from bnet_fastai.layers import BNET as _BNET
+from bnet_fastai.train import resolve_precision
+TINY = dict(dataset='digits', arch='mininet', size=16, epochs=1, bs=128) # the smallest arch, 16 px: seconds per run
+
+class FakeTimer:
+    "`time_precisions` with fixed seconds per step for a model with BNETs and one without; records the norms it timed."
+    def __init__(self, bn:dict, bnet:dict): self.t, self.calls = dict(bn=bn, bnet=bnet), []
+    def __call__(self, learn, precisions, stop=None, **kw):
+        k = 'bnet' if any(isinstance(m, _BNET) for m in learn.model.modules()) else 'bn'
+        self.calls.append((k, list(precisions)))
+        return {p: self.t[k][p] for p in precisions}
+
+def _no_probe(*a, **k): raise AssertionError("the precision probe ran")
+
+def test_train_measures_auto(monkeypatch, tmp_path, capsys):
+    "Native bf16: each norm timed once, the times summed, so one precision serves both; recorded in config.json, summary.md and stdout."
+    fake_cpu(monkeypatch, native=True)
+    timer = FakeTimer(bn={'fp32': 1.0, 'bf16': 0.5}, bnet={'fp32': 1.0, 'bf16': 2.0}) # bn alone would take bf16
+    monkeypatch.setattr(bt, 'time_precisions', timer)
+    out = tmp_path/'r'
+    train(norm='bn,bnet', out=out, **TINY)
+    assert sorted(timer.calls) == [('bn', ['fp32', 'bf16']), ('bnet', ['fp32', 'bf16'])]
+    cfg = json.loads((out/'config.json').read_text())
+    why = 'auto: bf16 2.5 s/step vs fp32 2 s/step -> fp32'
+    assert (cfg['precision'], cfg['precision_why'], cfg['precision_timings']) == ('fp32', why, {'fp32': 2.0, 'bf16': 2.5})
+    assert cfg['precision_asked'] == 'auto' and cfg['precision_probe_s'] >= 0
+    head = (out/'summary.md').read_text().splitlines()[0]
+    assert f"precision fp32 ({why}; measured in " in head, head
+    assert f"precision fp32 ({why}; measured in " in capsys.readouterr().out
+    # (b) resume reuses the recorded choice: no second probe, the same record
+    monkeypatch.setattr(bt, 'time_precisions', _no_probe)
+    train(norm='bn,bnet', out=out, resume=True, **TINY)
+    assert json.loads((out/'config.json').read_text())['precision_timings'] == {'fp32': 2.0, 'bf16': 2.5}
+    # an explicit precision is obeyed, never probed: one other than the recorded one is refused
+    with pytest.raises(ValueError, match=r"precision: 'fp32' there, 'bf16' now"): train(norm='bn,bnet', out=out, resume=True, precision='bf16', **TINY)
+    train(norm='bn,bnet', out=out, resume=True, precision='fp32', **TINY)
+
+def test_train_measures_bf16_faster(monkeypatch, tmp_path):
+    "bf16 faster by more than the margin: the runs train in bf16 (fastai's MixedPrecision), and say so."
+    fake_cpu(monkeypatch, native=True)
+    monkeypatch.setattr(bt, 'time_precisions', FakeTimer(bn={'fp32': 2.2, 'bf16': 1.6}, bnet={}))
+    used = []
+    orig = bt.precision_cbs
+    monkeypatch.setattr(bt, 'precision_cbs', lambda p: used.append(p) or orig(p))
+    train(norm='bn', out=tmp_path/'r', **TINY)
+    cfg = json.loads((tmp_path/'r'/'config.json').read_text())
+    assert (cfg['precision'], cfg['precision_why']) == ('bf16', 'auto: bf16 1.6 s/step vs fp32 2.2 s/step -> bf16')
+    assert used == ['fp32', 'bf16'] # the probe's learner is built in fp32, the run's in the precision chosen
+    assert 'precision bf16 (auto: bf16 1.6 s/step vs fp32 2.2 s/step -> bf16; measured in' in (tmp_path/'r'/'summary.md').read_text()
+
+def test_auto_without_native_equals_fp32(monkeypatch, tmp_path):
+    "(fp32, CPU) No native bf16: `auto` is fp32 without a probe, and trains bit for bit as an explicit fp32."
+    fake_cpu(monkeypatch)
+    monkeypatch.setattr(bt, 'time_precisions', _no_probe)
+    for p in ('auto', 'fp32'): train(norm='bnet', out=tmp_path/p, precision=p, **TINY)
+    a, b = (torch.load(tmp_path/p/'bnet_s0'/'model.pth') for p in ('auto', 'fp32'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path/'auto'/'config.json').read_text())
+    assert (cfg['precision'], cfg['precision_why'], cfg['precision_probe_s']) == ('fp32', 'auto: this CPU has no native bf16', None)
+
+def test_no_native_no_probe(monkeypatch, tmp_path):
+    "No native bf16: `train_config` resolves `auto` to fp32 itself and `resolve_precision` measures nothing."
+    fake_cpu(monkeypatch)
+    monkeypatch.setattr(bt, 'time_precisions', _no_probe)
+    cfg = train_config(**{k: v for k, v in TINY.items()})
+    assert cfg.precision == 'fp32' and resolve_precision(cfg, tmp_path) == cfg

@@ -55,7 +55,30 @@ def test_digits_bn_vs_bnet(digits_runs):
     assert 'top-5 %' in summary
     assert f"summary: {out/'summary.md'}" in p.stdout and f"curves:  {out/'curves.png'}" in p.stdout
     # A finished run keeps its final weights only: the checkpoint with the optimizer state is gone
-    for n in ('bn', 'bnet'): assert sorted(f.name for f in (out/f'{n}_s0').iterdir()) == ['history.csv', 'metrics.json', 'model.pth']
+    for n in ('bn', 'bnet'):
+        assert sorted(f.name for f in (out/f'{n}_s0').iterdir()) == ['history.csv', *(['kernels.csv'] if n == 'bnet' else []), 'metrics.json', 'model.pth']
+
+@pytest.mark.slow
+def test_comparison_statistics_and_kernels(tmp_path):
+    "(fp32) Three seeds: stdout has the verdict, convergence and stability lines and the kernel line; summary.md the sections; both PNGs written."
+    out = tmp_path/'cmp'
+    p = bnet_train('--dataset', 'digits', '--norm', 'bn,bnet', '--seeds', '0,1,2', '--epochs', 3, '--size', 16, '--precision', 'fp32', '--out', out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    acc = {n: [json.loads((out/f'{n}_s{s}'/'metrics.json').read_text())['accuracy'] for s in (0, 1, 2)] for n in ('bn', 'bnet')}
+    # the verdict is the paired difference of the saved accuracies, with a Student's t interval over 3 seeds
+    d = [100 * (a - b) for a, b in zip(acc['bnet'], acc['bn'])]
+    [v] = [l for l in lines if l.startswith('verdict: ') and 'accuracy' in l]
+    assert '95% CI' in v and '3 seeds' in v and (f"{abs(sum(d)/3):.2f}" in v or 'no difference' in v), v
+    conv = [l for l in lines if l.startswith('convergence: ')]
+    assert [l.split()[1] for l in conv] == ['bn', 'bnet'] and all(' reaches ' in l for l in conv)
+    assert any(l.startswith('stability: bnet: accuracy std ') for l in lines)
+    [k] = [l for l in lines if l.startswith('bnet kernels: ')]
+    assert re.fullmatch(r"bnet kernels: \d+% of weight off-centre \(layers \d+–\d+\)(, \d+% in the stem \(layers? [\d–]+\))?(, \d+% in the head .*)?", k), k
+    summary = (out/'summary.md').read_text()
+    for h in ('## Against the baseline: bn', '## Convergence: epochs to', '## Stability', '## BNET kernels'): assert h in summary
+    for f in ('curves.png', 'kernels.png'): assert (out/f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert f"kernels: {out/'kernels.png'}" in p.stdout
 
 @pytest.mark.slow
 def test_log_is_one_line_per_epoch(digits_runs):
