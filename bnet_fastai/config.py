@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import get_type_hints
 import torch
 from fastcore.basics import AttrDict, tuplify
+from functools import partial
 from fastai.layers import AvgPool, MaxPool
+from fastai.losses import LabelSmoothingCrossEntropyFlat
+from .registry import Registry
+from .data import dataset_registry
 from .models.xresnet import arch_registry
 from .norms import norm_registry, check_norm
 from .placement import check_placement, placements
@@ -22,13 +26,14 @@ from .recipes import recipe_registry, LEADERBOARD_NOTES
 from .precision import PRECISIONS, choose_precision, cpu_bf16_native, cuda_bf16_native
 
 # %% auto #0
-__all__ = ['DATASETS', 'SCHEDS', 'POOLS', 'TRAIN_DEFAULTS', 'DATASET_DEFAULTS', 'RANGES', 'option_choices', 'OptionError',
-           'min_size', 'resolve_options', 'train_config']
+__all__ = ['SCHEDS', 'POOLS', 'TRAIN_DEFAULTS', 'DATASET_DEFAULTS', 'RANGES', 'option_choices', 'OptionError', 'min_size',
+           'resolve_options', 'train_config', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func']
 
 # %% ../nbs/08a_config.ipynb #e2a49506
-DATASETS = ('imagenette', 'imagewoof', 'digits')
-SCHEDS = {'one_cycle': 'fit_one_cycle', 'flat_cos': 'fit_flat_cos'} # name → fastai's `Learner` method
-POOLS = {'avg': AvgPool, 'max': MaxPool}
+SCHEDS = Registry('sched') # name → fastai's `Learner` method
+SCHEDS.update(one_cycle='fit_one_cycle', flat_cos='fit_flat_cos')
+POOLS = Registry('pool')
+POOLS.update(avg=AvgPool, max=MaxPool)
 # The value of each option left `None`; `None` for mom/sqr_mom/eps: the optimizer's own defaults
 TRAIN_DEFAULTS = dict(arch='xresnet18', act='relu', opt='ranger', lr=4e-3, bs=64, size=128, sched='flat_cos', wd=1e-2, mixup=0.,
                       sa=False, label_smoothing=0., pool='avg', mom=None, sqr_mom=None, eps=None)
@@ -36,7 +41,7 @@ DATASET_DEFAULTS = {'digits': dict(size=32)} # digits are 8×8 images
 
 def option_choices() -> dict:
     "Each option chosen by name → its valid names, read from the registries now (a registry extended later shows its new names)."
-    return dict(dataset=DATASETS, arch=tuple(arch_registry), norm=tuple(norm_registry), bnet_at=tuple(placements),
+    return dict(dataset=tuple(dataset_registry), arch=tuple(arch_registry), norm=tuple(norm_registry), bnet_at=tuple(placements),
                 act=tuple(act_registry), opt=tuple(opt_registry), sched=tuple(SCHEDS), recipe=tuple(recipe_registry),
                 pool=tuple(POOLS), precision=tuple(PRECISIONS))
 
@@ -92,15 +97,16 @@ def min_size(arch:str, # A name from `arch_registry`
     return lo
 
 # %% ../nbs/08a_config.ipynb #5329bd6f
-def _check_choice(kind, value, valid):
-    if value not in valid: raise ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
+def _check_choice(registry:Registry, value):
+    "A name `registry` holds, or the registry's own error (the valid names, and the closest one)."
+    if not isinstance(value, str) or value not in registry: raise registry.error(value)
 
 def resolve_options(recipe:str, # A name from `recipe_registry`
                     dataset:str, epochs:int, # What the recipe's values depend on, with the image side
                     given:dict, # Options as the caller passed them; `None` means not given
                    ) -> tuple[dict, dict]:
     "Every option of `TRAIN_DEFAULTS`: the defaults, overlaid by `recipe`'s values, overlaid by the `given` ones; and the overrides."
-    _check_choice('recipe', recipe, recipe_registry)
+    _check_choice(recipe_registry, recipe)
     explicit = {k: v for k, v in given.items() if v is not None}
     base = {**TRAIN_DEFAULTS, **DATASET_DEFAULTS.get(dataset, {})}
     rec = recipe_registry[recipe](dataset, explicit.get('size', base['size']), epochs)
@@ -108,9 +114,8 @@ def resolve_options(recipe:str, # A name from `recipe_registry`
 
 # %% ../nbs/08a_config.ipynb #b658a386
 def _check_dataset(dataset):
-    if dataset in DATASETS or Path(dataset).is_dir(): return
-    raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}, "
-                     "or an existing folder holding train/<class>/ and val/<class>/")
+    if dataset in dataset_registry or Path(dataset).is_dir(): return
+    raise dataset_registry.error(dataset)
 
 def _split(s) -> list: return [o.strip() for o in str(s).split(',') if o.strip()]
 
@@ -178,9 +183,9 @@ def train_config(
     _check_dataset(dataset)
     kw = _typed(dict(locals()))
     o, overrides = resolve_options(recipe, dataset, kw['epochs'], {k: kw[k] for k in TRAIN_DEFAULTS})
-    _check_choice('arch', o['arch'], arch_registry)
+    _check_choice(arch_registry, o['arch'])
     for k, r in RANGES.items(): _check_range(k, o.get(k, kw[k]), *r)
-    _check_choice('pool', o['pool'], POOLS)
+    _check_choice(POOLS, o['pool'])
     _check_arch_options(o)
     if o['size'] < (m := min_size(o['arch'])):
         raise OptionError('size', o['size'], f"must be at least {m} for {o['arch']} (smaller, more than its last downsampling sees one pixel)")
@@ -190,7 +195,7 @@ def train_config(
     _check_unique('norm', norm, norms, key=lambda n: id(norm_registry[n])) # aliases share one factory
     check_placement(bnet_at)
     get_act(o['act']); get_opt(o['opt'])
-    _check_choice('sched', o['sched'], SCHEDS)
+    _check_choice(SCHEDS, o['sched'])
     try: seeds = [int(s) for s in _split(seeds)]
     except ValueError: raise ValueError(f"seeds must be integers separated by commas, like '0,1,2'; got {seeds!r}") from None
     if not seeds: raise ValueError("no seed given; pass seeds like '0,1,2'")
@@ -208,3 +213,18 @@ def train_config(
                     target_acc=kw['target_acc'], channels_last=bool(channels_last), workers=workers, sync_bn=bool(sync_bn),
                     sa=bool(o['sa']), label_smoothing=float(o['label_smoothing']), pool=o['pool'], mom=o['mom'], sqr_mom=o['sqr_mom'],
                     eps=o['eps'], recipe=recipe, overrides=overrides, recipe_notes=list(LEADERBOARD_NOTES) if recipe == 'leaderboard' else [])
+
+# %% ../nbs/08a_config.ipynb #c7f0a1d3
+def cfg_model_kwargs(cfg:dict) -> dict:
+    "The architecture arguments `cfg` sets: `sa=True` and fastai's `MaxPool`, where asked for."
+    return {**({'sa': True} if cfg['sa'] else {}), **({'pool': POOLS[cfg['pool']]} if cfg['pool'] != TRAIN_DEFAULTS['pool'] else {})}
+
+def cfg_loss_func(cfg:dict):
+    "fastai's `LabelSmoothingCrossEntropyFlat` when `cfg` smooths labels; `None` keeps the data's default loss."
+    return LabelSmoothingCrossEntropyFlat(eps=cfg['label_smoothing']) if cfg['label_smoothing'] else None
+
+def cfg_opt_func(cfg:dict):
+    "`cfg`'s optimizer from `opt_registry`, with the `mom`/`sqr_mom`/`eps` that `cfg` sets bound in."
+    hypers = {k: cfg[k] for k in ('mom', 'sqr_mom', 'eps') if cfg[k] is not None}
+    return partial(get_opt(cfg['opt']), **hypers) if hypers else get_opt(cfg['opt'])
+

@@ -18,11 +18,12 @@ from fastai.data.transforms import get_image_files, GrandparentSplitter, RandomS
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.augment import RandomResizedCrop, FlipItem, Resize
+from .registry import Registry
 
 # %% auto #0
-__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'FolderLabel', 'find_bad_images', 'check_image_folder', 'CheckedPILImage',
-           'ImageNetCrop', 'image_folder_dls', 'imagenette_url', 'get_imagenette', 'imagenette_dls', 'fake_imagenette',
-           'DigitImage', 'digits_dls']
+__all__ = ['IMAGENETTE_CLASSES', 'IMAGEWOOF_CLASSES', 'dataset_registry', 'FolderLabel', 'find_bad_images', 'check_image_folder',
+           'CheckedPILImage', 'ImageNetCrop', 'image_folder_dls', 'imagenette_url', 'get_imagenette', 'imagenette_dls',
+           'fake_imagenette', 'DigitImage', 'digits_dls']
 
 # %% ../nbs/07_data.ipynb #5eb12b51
 IMAGENETTE_CLASSES = {
@@ -205,3 +206,13 @@ def digits_dls(size:int=32, # Side of the square images (upscaled from 8×8)
                        splitter=RandomSplitter(valid_pct, seed=seed), item_tfms=Resize(size),
                        batch_tfms=Normalize.from_stats(*imagenet_stats))
     return dblock.dataloaders(range(len(d.images)), bs=bs, num_workers=workers, **kwargs)
+
+# %% ../nbs/07_data.ipynb #d5e1a0b3
+dataset_registry = Registry('dataset', alt='an existing folder holding train/<class>/ and val/<class>/')
+
+@dataset_registry.register('digits')
+def _digits(size, bs, **kwargs): return digits_dls(size, bs) # in memory: no folder options apply
+@dataset_registry.register('imagenette')
+def _imagenette(size, bs, **kwargs): return imagenette_dls(size, bs, **kwargs)
+@dataset_registry.register('imagewoof')
+def _imagewoof(size, bs, **kwargs): return imagenette_dls(size, bs, woof=True, **kwargs)

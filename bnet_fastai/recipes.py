@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 import numpy as np, pandas as pd
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['LEADERBOARD_NOTES', 'recipe_registry', 'LEADERBOARD_URL', 'leaderboard_dataset', 'leaderboard_recipe', 'leaderboard',
@@ -42,7 +43,8 @@ def leaderboard_recipe(dataset:str, # `imagenette`, `imagewoof`, or a folder hol
     return dict(arch='xse_resnext50', act='mish', sa=True, pool='max', opt='ranger', mom=0.95, sqr_mom=0.99, eps=1e-6,
                 sched='flat_cos', lr=8e-3, wd=1e-2, bs=64, label_smoothing=0.1, mixup=0.2 if epochs >= 80 else 0.)
 
-recipe_registry = {'none': lambda dataset, size, epochs: {}, 'leaderboard': leaderboard_recipe}
+recipe_registry = Registry('recipe')
+recipe_registry.update(none=lambda dataset, size, epochs: {}, leaderboard=leaderboard_recipe)
 
 # %% ../nbs/12_recipes.ipynb #d6b43f59
 LEADERBOARD_URL = 'https://github.com/fastai/imagenette/blob/master/README.md'

@@ -7,7 +7,6 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/train.html.md"""
 # %% ../nbs/08_train.ipynb #4a55bac2
 from __future__ import annotations
 import json, math, sys, time, warnings
-from functools import partial
 from pathlib import Path
 import numpy as np, torch
 from fastcore.basics import AttrDict
@@ -20,23 +19,21 @@ from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.schedule import *
 from fastai.callback.mixup import MixUp
 from fastai.callback.channelslast import ChannelsLast
-from fastai.losses import LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy, top_k_accuracy
-from .data import digits_dls, imagenette_dls, image_folder_dls, IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
+from .data import dataset_registry, image_folder_dls, IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
 from .models.xresnet import arch_registry
-from .optimizers import get_opt
 from .activations import get_act
 from .precision import precision_cbs, choose_precision, time_precisions, clear_choice
 from .kernels import bnet_layers, bnet_kernel_summary
-from .config import train_config, OptionError, TRAIN_DEFAULTS, POOLS, SCHEDS, DATASETS
+from .config import train_config, OptionError, SCHEDS, cfg_model_kwargs, cfg_loss_func, cfg_opt_func
 from .checkpoint import EpochCheckpoint, _atomic_write
 from .runlog import RunLogger, EpochLines
 from .reports import summary_table, write_outputs, write_run, _run_dir, _precision_line
 from .distributed import init_distributed, distrib_run, is_rank0, barrier, unwrap
 
 # %% auto #0
-__all__ = ['get_dls', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func', 'build_learner', 'RunInterrupted', 'RunDiverged',
-           'StopOnDivergence', 'train_run', 'resolve_precision', 'train']
+__all__ = ['get_dls', 'build_learner', 'RunInterrupted', 'RunDiverged', 'StopOnDivergence', 'train_run', 'resolve_precision',
+           'train']
 
 # %% ../nbs/08_train.ipynb #3314199e
 def get_dls(cfg:AttrDict, # From `train_config`
@@ -46,8 +43,7 @@ def get_dls(cfg:AttrDict, # From `train_config`
            ):
     "The `DataLoaders` `cfg.dataset` names: digits, Imagenette, Imagewoof or a local folder, with at least one training batch."
     kw = dict(workers=cfg.workers, check=check, skip_bad_images=skip_bad_images, exclude=exclude)
-    if cfg.dataset == 'digits': dls = digits_dls(cfg.size, cfg.bs)
-    elif cfg.dataset in ('imagenette', 'imagewoof'): dls = imagenette_dls(cfg.size, cfg.bs, woof=cfg.dataset == 'imagewoof', **kw)
+    if cfg.dataset in dataset_registry: dls = dataset_registry[cfg.dataset](cfg.size, cfg.bs, **kw)
     else: dls = image_folder_dls(cfg.dataset, cfg.size, cfg.bs, names={**IMAGENETTE_CLASSES, **IMAGEWOOF_CLASSES}, **kw)
     # fastai drops the last partial training batch: with fewer images than `bs` an epoch would train on nothing
     if (n := len(dls.train_ds)) < cfg.bs:
@@ -55,19 +51,6 @@ def get_dls(cfg:AttrDict, # From `train_config`
     return dls
 
 # %% ../nbs/08_train.ipynb #877f8256
-def cfg_model_kwargs(cfg:dict) -> dict:
-    "The architecture arguments `cfg` sets: `sa=True` and fastai's `MaxPool`, where asked for."
-    return {**({'sa': True} if cfg['sa'] else {}), **({'pool': POOLS[cfg['pool']]} if cfg['pool'] != TRAIN_DEFAULTS['pool'] else {})}
-
-def cfg_loss_func(cfg:dict):
-    "fastai's `LabelSmoothingCrossEntropyFlat` when `cfg` smooths labels; `None` keeps the data's default loss."
-    return LabelSmoothingCrossEntropyFlat(eps=cfg['label_smoothing']) if cfg['label_smoothing'] else None
-
-def cfg_opt_func(cfg:dict):
-    "`cfg`'s optimizer from `opt_registry`, with the `mom`/`sqr_mom`/`eps` that `cfg` sets bound in."
-    hypers = {k: cfg[k] for k in ('mom', 'sqr_mom', 'eps') if cfg[k] is not None}
-    return partial(get_opt(cfg['opt']), **hypers) if hypers else get_opt(cfg['opt'])
-
 def build_learner(cfg:AttrDict, norm:str, dls, path:Path|None=None) -> Learner:
     "A `Learner` for one run of `cfg` with `norm`: model from `arch_registry`, optimizer from `opt_registry`."
     if cfg.precision == 'auto': # measured on the real models by `train`, before its first run

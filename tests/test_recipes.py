@@ -14,7 +14,7 @@ from bnet_fastai.config import train_config, TRAIN_DEFAULTS
 from bnet_fastai.cli import train_parser
 from bnet_fastai.recipes import leaderboard_recipe
 from bnet_fastai.train import build_learner, get_dls
-from bnet_fastai.reports import write_outputs
+from bnet_fastai.reports import write_outputs, summary_table
 
 root = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]), 'MPLBACKEND': 'Agg'}
@@ -73,12 +73,12 @@ def digits():
 
 def test_sa_and_pool_reach_the_model(digits):
     "`sa` and `pool` build the same XResNet as fastai's own builder with the same arguments."
-    learn = build_learner(train_config(dataset='digits', sa=True, pool='max'), 'bn', digits)
+    learn = build_learner(train_config(dataset='digits', precision='fp32', sa=True, pool='max'), 'bn', digits)
     ref = fx.xresnet18(n_out=10, sa=True, pool=MaxPool)
     types = lambda model: [type(m) for m in model.modules()][1:] # the model itself is our `NormXResNet`, a subclass of fastai's
     assert isinstance(learn.model, fx.XResNet) and types(learn.model) == types(ref)
     assert sum(isinstance(m, SimpleSelfAttention) for m in learn.model.modules()) == 1
-    plain = build_learner(train_config(dataset='digits'), 'bn', digits).model
+    plain = build_learner(train_config(dataset='digits', precision='fp32'), 'bn', digits).model
     assert types(plain) == types(fx.xresnet18(n_out=10))
     n_pools = lambda model, t: sum(isinstance(m, t) for m in model.modules())
     # one MaxPool2d in the stem; pool='max' puts one on each of the three downsampling shortcuts, in place of AvgPool2d
@@ -87,20 +87,20 @@ def test_sa_and_pool_reach_the_model(digits):
 
 def test_label_smoothing_reaches_the_loss(digits):
     eps = 0.3
-    learn = build_learner(train_config(dataset='digits', label_smoothing=eps), 'bnet', digits)
+    learn = build_learner(train_config(dataset='digits', precision='fp32', label_smoothing=eps), 'bnet', digits)
     assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
     x, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
     ref = (1 - eps) * F.cross_entropy(x, y) + eps * (-F.log_softmax(x, 1)).mean() # smoothing spread evenly over 10 classes
     assert float(learn.loss_func(x, y)) == pytest.approx(float(ref), rel=1e-5)
-    assert not isinstance(build_learner(train_config(dataset='digits'), 'bnet', digits).loss_func, LabelSmoothingCrossEntropyFlat)
+    assert not isinstance(build_learner(train_config(dataset='digits', precision='fp32'), 'bnet', digits).loss_func, LabelSmoothingCrossEntropyFlat)
 
 @pytest.mark.parametrize('opt', ['ranger', 'ralamb', 'novograd'])
 def test_mom_sqr_mom_eps_reach_the_optimizer(digits, opt):
-    learn = build_learner(train_config(dataset='digits', opt=opt, mom=0.9, sqr_mom=0.98, eps=1e-7), 'bn', digits)
+    learn = build_learner(train_config(dataset='digits', precision='fp32', opt=opt, mom=0.9, sqr_mom=0.98, eps=1e-7), 'bn', digits)
     learn.create_opt()
     assert all((h['mom'], h['sqr_mom'], h['eps']) == (0.9, 0.98, 1e-7) for h in learn.opt.hypers)
     assert all((pg['betas'][:2], pg['eps']) == ((0.9, 0.98), 1e-7) for pg in learn.opt.opt.param_groups)
-    default = build_learner(train_config(dataset='digits', opt=opt), 'bn', digits)
+    default = build_learner(train_config(dataset='digits', precision='fp32', opt=opt), 'bn', digits)
     default.create_opt()
     assert default.opt.opt.param_groups[0]['eps'] != 1e-7
 
@@ -147,9 +147,10 @@ def _fake_runs(out:Path, cfg, accs:dict) -> dict:
 def test_summary_prints_the_published_row(tmp_path):
     cfg = train_config(dataset='imagenette', size=128, epochs=5, norm='bn,bnet', seeds='0,1,2')
     accs = dict(bn=[0.861, 0.874, 0.866], bnet=[0.870, 0.859, 0.881])
-    table = write_outputs(tmp_path, cfg, _fake_runs(tmp_path, cfg, accs))
+    runs = _fake_runs(tmp_path, cfg, accs)
+    table = write_outputs(tmp_path, cfg, runs)
     summary = (tmp_path/'summary.md').read_text()
-    assert table in summary
+    assert table.startswith(summary_table(runs)) and summary_table(runs) in summary # the table, then the findings
     for n, a in accs.items():
         mean, sd = statistics.mean(a)*100, statistics.stdev(a)*100
         assert f"| {n} | 3 | {mean:.2f} ± {sd:.2f} | 87.43 | 5 |" in summary

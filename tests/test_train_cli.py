@@ -151,11 +151,11 @@ def test_same_seed_same_metrics(nette_home, use_home, tmp_path):
     assert not all(torch.equal(sds[0][k], sds[2][k]) for k in sds[0])
 
 BAD = [
-    (dict(arch='resnet9'), r"unknown arch 'resnet9'; valid archs: .*xresnet18, .*xresnet50"),
+    (dict(arch='resnet9'), r"unknown arch 'resnet9'; (did you mean '\w+'\? )?valid archs: .*xresnet18, .*xresnet50"),
     (dict(norm='bn,groupnorm'), r"unknown norm 'groupnorm'; valid norms: bn, bnet"),
     (dict(opt='sgdx'), r"unknown optimizer 'sgdx'; valid optimizers: ranger"),
     (dict(act='tanhx'), r"unknown activation 'tanhx'; valid activations: relu"),
-    (dict(dataset='mnist'), r"unknown dataset 'mnist'; valid datasets: imagenette, imagewoof, digits, or an existing folder"),
+    (dict(dataset='mnist'), r"unknown dataset 'mnist'; valid datasets: digits, imagenette, imagewoof \(or an existing folder"),
     (dict(sched='step'), r"unknown sched 'step'; valid scheds: one_cycle, flat_cos"),
     (dict(bnet_at='first'), r"unknown bnet_at='first'; valid choices: 'all', 'last'"),
     (dict(seeds='0,one'), r"seeds must be integers"),
