@@ -16,6 +16,7 @@ from .norms import *
 from .activations import *
 from .models.xresnet import *
 from .models.zoo import *
+from .optim_wrapper import *
 from .optimizers import *
 from .convert import *
 from .deploy import *
@@ -29,11 +30,12 @@ from .distributed import *
 from .fastai_patches import *
 from .recipes import *
 from .precision import *
+from .stats import *
 from .compare import *
 from .kernels import *
 
 # %% ../nbs/99_all.ipynb #6de90e64
-_public = ['layers', 'placement', 'registry', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optimizers', 'convert', 'deploy', 'data', 'config', 'train', 'checkpoint', 'runlog', 'reports', 'distributed', 'fastai_patches', 'recipes', 'precision', 'compare', 'kernels']
+_public = ['layers', 'placement', 'registry', 'norms', 'activations', 'models.xresnet', 'models.zoo', 'optim_wrapper', 'optimizers', 'convert', 'deploy', 'data', 'config', 'train', 'checkpoint', 'runlog', 'reports', 'distributed', 'fastai_patches', 'recipes', 'precision', 'stats', 'compare', 'kernels']
 # Names fastai also exports with another meaning: a star import after fastai's must not shadow them.
 # `ranger` is a different optimizer with other defaults; use `bnet_fastai.optimizers.ranger` (`opt_func=ranger`) or `get_opt('ranger')`.
 _unlike_fastai = {'ranger'}

@@ -1,4 +1,4 @@
-"""Is one norm better than another, or is it the seeds? Paired differences with Student's t intervals, epochs to a target accuracy, and loss spikes, from the runs `bnet-train` writes.
+"""Epochs to a target accuracy, loss spikes, and the verdicts of the paired statistics, as `summary.md` sections, terminal lines and plots, from the runs `bnet-train` writes.
 
 Docs: https://bnet-fastai.github.io/bnet_fastai/compare.html.md"""
 
@@ -6,137 +6,13 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/compare.html.md"""
 
 # %% ../nbs/14_compare.ipynb #9481d224
 from __future__ import annotations
-from dataclasses import dataclass
 import numpy as np, pandas as pd
-from scipy import stats
+from .stats import diff_figures, Diff, loss_spike, verdicts, _seeds_of, _num
 
 # %% auto #0
-__all__ = ['diff_figures', 't_interval', 'paired', 'Diff', 'paired_diff', 'loss_spike', 'verdicts', 'final_accuracies',
-           'default_target', 'epoch_reached', 'time_to_epoch', 'convergence', 'stability', 'convergence_sentences',
-           'verdict_markdown', 'convergence_markdown', 'stability_markdown', 'comparison_markdown', 'comparison_lines',
-           'load_runs', 'mark_convergence', 'plot_convergence']
-
-# %% ../nbs/14_compare.ipynb #a4ed6796
-def t_interval(xs, # Values, e.g. per-seed differences between two norms
-               conf:float=0.95, # Confidence level of the interval
-              ) -> tuple: # (mean, low, high); low and high are `None` for a single value
-    "Mean of `xs` with its Student's t confidence interval."
-    if not 0 < conf < 1: raise ValueError(f"conf must be between 0 and 1, e.g. 0.95; got conf={conf!r}")
-    xs = np.asarray(xs, dtype=float)
-    if xs.size == 0: raise ValueError("t_interval needs at least one value; got none")
-    m = float(xs.mean())
-    if xs.size < 2: return m, None, None
-    h = stats.t.ppf((1 + conf)/2, xs.size - 1) * xs.std(ddof=1) / np.sqrt(xs.size)
-    return m, m - h, m + h
-
-# %% ../nbs/14_compare.ipynb #4a2cd065
-def _seeds_of(results:dict, seeds) -> dict:
-    "norm → its seeds, in the order of its runs; `seeds` is one list for every norm, or a dict norm → list."
-    res = {}
-    for n, runs in results.items():
-        ss = list(seeds[n] if isinstance(seeds, dict) else seeds)
-        if len(ss) != len(runs):
-            raise ValueError(f"{n!r} has {len(runs)} runs but {len(ss)} seeds ({ss}); pass seeds in run order, "
-                             "as a list for every norm or a dict norm → seeds")
-        res[n] = ss
-    return res
-
-def paired(values:dict, # norm → one value per run, in seed order
-           seeds, # The seeds of those runs: a list for every norm, or a dict norm → list
-           norm:str, # The norm compared
-           base:str, # The baseline it is compared with
-          ) -> tuple: # (seeds both ran, `norm`'s value minus `base`'s for each)
-    "Per-seed differences `norm` − `base`, over the seeds both norms ran."
-    for n in (norm, base):
-        if n not in values: raise ValueError(f"unknown norm {n!r}; valid norms: {', '.join(values)}")
-    ss = _seeds_of(values, seeds)
-    a, b = dict(zip(ss[norm], values[norm])), dict(zip(ss[base], values[base]))
-    common = [s for s in ss[norm] if s in b]
-    return common, [float(a[s]) - float(b[s]) for s in common]
-
-# %% ../nbs/14_compare.ipynb #a4ea80e6
-# How each compared figure reads: its label, the scale and unit it is shown in, and the phrase for norm above / below base.
-diff_figures = {
-    'accuracy':   dict(label='accuracy', scale=100, unit=' points', fmt='.2f',
-                       up="{n} ahead of {b} in accuracy by {v}", down="{n} behind {b} in accuracy by {v}"),
-    'valid_loss': dict(label='valid loss', scale=1, unit='', fmt='.4f',
-                       up="{n}'s valid loss above {b}'s by {v}", down="{n}'s valid loss below {b}'s by {v}"),
-    'loss_spike': dict(label='largest valid-loss rise', scale=1, unit='', fmt='.4f',
-                       up="{n}'s largest valid-loss rise above {b}'s by {v}", down="{n}'s largest valid-loss rise below {b}'s by {v}"),
-}
-
-def _num(x:float, fmt:str) -> str: return format(x, fmt).replace('-', '−')
-
-@dataclass
-class Diff:
-    "The paired difference `norm` − `base` in one figure over the seeds both ran, with its Student's t interval."
-    norm:str # The norm compared
-    base:str # The baseline
-    figure:str # A key of `diff_figures`: 'accuracy', 'valid_loss' or 'loss_spike'
-    seeds:list # The seeds both norms ran
-    mean:float|None # Mean difference, in the figure's scale (accuracy in points); `None` without a common seed
-    low:float|None=None # Interval bounds; `None` with fewer than two seeds
-    high:float|None=None
-    conf:float=0.95 # Confidence level
-
-    @property
-    def n(self) -> int: return len(self.seeds)
-    @property
-    def detected(self) -> bool:
-        "Whether the interval excludes 0 (needs two seeds or more)."
-        return self.low is not None and (self.low > 0 or self.high < 0)
-
-    def sentence(self) -> str:
-        "One sentence saying what the numbers show, and no more."
-        f, n, b = diff_figures[self.figure], self.norm, self.base
-        v = lambda x: _num(x, f['fmt'])
-        if not self.n: return f"{n} and {b} ran no seed in common: no {f['label']} comparison."
-        ci = f"{self.conf:.0%} CI"
-        if self.low is None:
-            what = f"no difference in {f['label']} between {n} and {b}" if self.mean == 0 else \
-                   (f['up'] if self.mean > 0 else f['down']).format(n=n, b=b, v=v(abs(self.mean)) + f['unit'])
-            return f"{what} with 1 seed (seed {self.seeds[0]}), which gives no interval: run more seeds (`--seeds 0,1,2`) for a {ci}."
-        seeds = f"{self.n} seeds"
-        if self.low == self.high == 0: return f"{n} and {b} equal in {f['label']} on all {seeds}."
-        if not self.detected:
-            return f"no difference in {f['label']} between {n} and {b} detectable with {seeds} ({ci} {v(self.low)} to {v(self.high)}{f['unit']})."
-        up = self.mean > 0
-        lo, hi = (self.low, self.high) if up else (-self.high, -self.low)
-        return (f['up'] if up else f['down']).format(n=n, b=b, v=v(abs(self.mean)) + f['unit']) + f" ({ci} {v(lo)} to {v(hi)}, {seeds})."
-
-def paired_diff(values:dict, # norm → one value per run, in seed order (accuracy as a fraction, as in `metrics.json`)
-                seeds, # The seeds of those runs: a list for every norm, or a dict norm → list
-                norm:str, # The norm compared
-                base:str, # The baseline
-                figure:str='accuracy', # A key of `diff_figures`, for the scale and the sentence
-                conf:float=0.95, # Confidence level
-               ) -> Diff:
-    "The mean difference `norm` − `base` over the seeds both ran, with its Student's t interval."
-    if figure not in diff_figures: raise ValueError(f"unknown figure {figure!r}; valid figures: {', '.join(diff_figures)}")
-    common, d = paired(values, seeds, norm, base)
-    if not common: return Diff(norm, base, figure, [], None, conf=conf)
-    return Diff(norm, base, figure, common, *t_interval(np.array(d) * diff_figures[figure]['scale'], conf), conf=conf)
-
-# %% ../nbs/14_compare.ipynb #6c80c780
-def loss_spike(history:pd.DataFrame) -> float:
-    "The largest rise of valid loss from one epoch to the next (0 if it never rises)."
-    v = history['valid_loss'].to_numpy(dtype=float)
-    return float(max(0., np.diff(v).max(initial=0.)))
-
-def _col(results:dict, key:str) -> dict: return {n: [m[key] for m in ms] for n, ms in results.items()}
-def _spikes(histories:dict) -> dict: return {n: [loss_spike(h) for h in hs] for n, hs in histories.items()}
-
-# %% ../nbs/14_compare.ipynb #e2d26a68
-def verdicts(results:dict, # norm → list of metrics dicts, one per seed, in seed order; the first norm is the baseline
-             seeds, # The seeds of those runs: a list for every norm, or a dict norm → list
-             histories:dict|None=None, # norm → list of history DataFrames, in the same order: adds the loss-spike difference
-             conf:float=0.95, # Confidence level
-            ) -> list: # A `Diff` per other norm and figure
-    "Each norm against the first, paired by seed: final accuracy, final valid loss and, given `histories`, the largest valid-loss rise."
-    base, *others = results
-    vals = {'accuracy': _col(results, 'accuracy'), 'valid_loss': _col(results, 'valid_loss')}
-    if histories is not None: vals['loss_spike'] = _spikes(histories)
-    return [paired_diff(v, seeds, n, base, fig, conf) for n in others for fig, v in vals.items()]
+__all__ = ['final_accuracies', 'default_target', 'epoch_reached', 'time_to_epoch', 'convergence', 'stability',
+           'convergence_sentences', 'verdict_markdown', 'convergence_markdown', 'stability_markdown',
+           'comparison_markdown', 'comparison_lines', 'load_runs', 'mark_convergence', 'plot_convergence']
 
 # %% ../nbs/14_compare.ipynb #ab233dd4
 def final_accuracies(histories:dict) -> dict:

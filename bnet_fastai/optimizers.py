@@ -7,24 +7,23 @@ Docs: https://bnet-fastai.github.io/bnet_fastai/optimizers.html.md"""
 # %% ../nbs/06_optimizers.ipynb #ae93eee9
 from __future__ import annotations
 import warnings
-from collections import defaultdict
 from functools import partial
 import torch
 from torch import nn
 import pytorch_optimizer as po
 from pytorch_optimizer.base.optimizer import BaseOptimizer
-from fastcore.basics import ifnone, range_of
-from fastai.optimizer import OptimWrapper, Optimizer as FastaiOptimizer, Lookahead as FastaiLookahead, detuplify_pg, set_item_pg
+from fastai.optimizer import Optimizer as FastaiOptimizer, Lookahead as FastaiLookahead
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 from fastai.torch_core import num_distrib
 import fastai.callback.schedule # fit_one_cycle, fit_flat_cos, fine_tune
 from .registry import Registry
+from .optim_wrapper import GroupOptimWrapper
 
 # %% auto #0
-__all__ = ['opt_hp_map', 'opt_registry', 'Ranger', 'Ralamb', 'RangerLars', 'AdaHessian', 'GroupOptimWrapper',
-           'needs_create_graph', 'HessianBackward', 'register_opt', 'ranger', 'ralamb', 'ranger_lars', 'adahessian',
-           'adamod', 'diffgrad', 'novograd', 'lookahead', 'get_opt']
+__all__ = ['opt_registry', 'Ranger', 'Ralamb', 'RangerLars', 'AdaHessian', 'needs_create_graph', 'HessianBackward',
+           'register_opt', 'ranger', 'ralamb', 'ranger_lars', 'adahessian', 'adamod', 'diffgrad', 'novograd',
+           'lookahead', 'get_opt']
 
 # %% ../nbs/06_optimizers.ipynb #7b1c274b
 class _DeviceForeach:
@@ -100,97 +99,6 @@ class AdaHessian(_DeviceForeach, po.AdaHessian):
             grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
             if grads and not any(g.requires_grad for g in grads): raise RuntimeError(_no_graph_msg)
         return super().step(closure, hessian)
-
-# %% ../nbs/06_optimizers.ipynb #67f33b13
-opt_hp_map = {'betas__0': 'mom', 'betas__1': 'sqr_mom', 'weight_decay': 'wd', 'momentum': 'mom'}
-
-# %% ../nbs/06_optimizers.ipynb #a4051670
-def _follow_params(opt:torch.optim.Optimizer):
-    "Move the state tensors of each parameter (moments, slow weights, scalar norms) to the parameter's device and dtype."
-    for o in (opt, getattr(opt, 'optimizer', None)): # Lookahead keeps its slow weights beside the inner optimizer's state
-        if o is None: continue
-        for p, st in o.state.items():
-            if not isinstance(p, torch.Tensor): continue
-            for k, v in st.items():
-                # torch keeps `step` counters on the CPU in float32 unless `capturable`; leave them as torch put them
-                if k == 'step' or not isinstance(v, torch.Tensor): continue
-                dtype = p.dtype if v.is_floating_point() else v.dtype
-                if v.device != p.device or v.dtype != dtype: st[k] = v.to(p.device, dtype)
-
-class GroupOptimWrapper(OptimWrapper):
-    "`OptimWrapper` that honours fastai's `do_wd` through param groups, keeps its state with the parameters, and clears `Lookahead` state correctly."
-    def __init__(self, params=None, # fastai layer groups (a list of lists of parameters) or one iterable of parameters
-                 opt=None, # A torch optimizer class, or one already built (then leave out `params`)
-                 hp_map:dict=None, # pytorch → fastai hyper-parameter names; defaults to `opt_hp_map`
-                 **kwargs): # Passed to `opt` when it is a class
-        self.hp_map = ifnone(hp_map, opt_hp_map)
-        # fastai turns layer groups into param groups (`convert_groups`); each layer group is one param group until `_regroup`
-        super().__init__(params, opt, hp_map=self.hp_map, convert_groups=True, **kwargs)
-        self.layer_groups = [list(pg['params']) for pg in self.opt.param_groups]
-        self._wd = [pg.get('weight_decay', 0.) for pg in self.opt.param_groups]
-        self._parts = [(i, True) for i in range_of(self.layer_groups)] # (layer group, decayed?) of each torch param group
-        self._n_state, self._placed = 0, None
-
-    @property
-    def param_lists(self): return self.layer_groups
-
-    def _regroup(self):
-        "Split each layer group into decayed and undecayed torch param groups when fastai's `do_wd` flags appear."
-        # `Learner.create_opt` marks norm and bias parameters by creating their entries in `self.state`.
-        if len(self.state) == self._n_state: return
-        self._n_state = len(self.state)
-        no_wd = {id(p) for p, s in self.state.items() if not s.get('do_wd', True)}
-        first = {}
-        for (i, _), pg in zip(self._parts, self.opt.param_groups): first.setdefault(i, pg)
-        parts, groups = [], []
-        for i, lg in enumerate(self.layer_groups):
-            for decayed in (True, False):
-                ps = [p for p in lg if (id(p) not in no_wd) == decayed]
-                if not ps and (not decayed or len(lg)): continue
-                parts.append((i, decayed))
-                groups.append({**first[i], 'params': ps, 'weight_decay': self._wd[i] if decayed else 0.})
-        self._parts = parts
-        self.opt.param_groups[:] = groups
-
-    @property
-    def hypers(self):
-        self._regroup()
-        first = {}
-        for (i, _), pg in zip(self._parts, self.opt.param_groups): first.setdefault(i, pg)
-        return [{**{self.fwd_map.get(k, k): v for k, v in detuplify_pg(first[i]).items()}, 'wd': self._wd[i]}
-                for i in range_of(self.layer_groups)]
-
-    def _set_hyper(self, k, v):
-        self._regroup()
-        if k == 'wd': self._wd = list(v)
-        for (i, decayed), pg in zip(self._parts, self.opt.param_groups):
-            set_item_pg(pg, self.bwd_map[k], v[i] if k != 'wd' or decayed else 0.)
-
-    def step(self, closure=None):
-        self._regroup()
-        placed = [(p.device, p.dtype) for g in self.layer_groups for p in g]
-        if placed != self._placed: _follow_params(self.opt); self._placed = placed # the model moved, or this is the first step
-        return self.opt.step(closure)
-
-    def clear_state(self):
-        "Forget moments and step counts; Lookahead re-anchors its slow weights at the current weights."
-        la = isinstance(self.opt, po.Lookahead)
-        (self.opt.optimizer if la else self.opt).state = defaultdict(dict)
-        for pg in self.opt.param_groups:
-            for k in ('step', 'counter'):
-                if k in pg: pg[k] = 0
-        if la:
-            self.opt.state = defaultdict(dict)
-            for pg in self.opt.param_groups: self.opt.init_group(pg)
-
-    def state_dict(self):
-        self._regroup()
-        return self.opt.state_dict()
-
-    def load_state_dict(self, sd):
-        self._regroup()
-        self.opt.load_state_dict(sd)
-        self._placed = None # loaded onto the parameters' placement now; the model may still move before the next step
 
 # %% ../nbs/06_optimizers.ipynb #1fd476fb
 def _unwrap(opt):

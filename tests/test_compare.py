@@ -1,8 +1,9 @@
-"Comparison statistics on hand-made runs whose answers are known: intervals against scipy's Student's t, convergence epochs and times, loss spikes. Plain float maths (fp64 NumPy); no training."
+"Comparison statistics on hand-made runs whose answers are known: intervals against scipy's Student's t (`bnet_fastai.stats`), convergence epochs and times, stability and the reports (`bnet_fastai.compare`). Plain float maths (fp64 NumPy); no training."
 import json, math
 import numpy as np, pandas as pd, pytest
 from scipy import stats
-from bnet_fastai.compare import (t_interval, paired, paired_diff, verdicts, convergence, stability, loss_spike, load_runs,
+from bnet_fastai.stats import t_interval, paired, paired_diff, verdicts, loss_spike
+from bnet_fastai.compare import (convergence, stability, load_runs,
                                  verdict_markdown, convergence_markdown, stability_markdown, comparison_markdown, comparison_lines,
                                  mark_convergence)
 
