@@ -58,7 +58,7 @@ def opt_steps(name, opt_func):
     assert learn.train_iter == 10 and all(p.is_cuda and torch.isfinite(p).all() for p in learn.model.parameters())
 
 def train_and_resume(out, precision):
-    args = [sys.executable, '-m', 'bnet_fastai.train', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet',
+    args = [sys.executable, '-m', 'bnet_fastai.cli', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet',
             '--epochs', '2', '--size', '32', '--bs', '64', '--precision', precision, '--channels-last', '--opt', 'ranger_lars']
     full = subprocess.run(args + ['--out', str(out/'full')], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]

@@ -14,3 +14,4 @@ import warnings
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning, module=r'torch\.jit\._script')
 from .fastai_patches import apply_patches as _apply_patches
 _apply_patches()
+from . import precision as _precision # its import adds `Learner.to_best_precision` (the patches module's hook)

@@ -16,9 +16,9 @@ from .layers import BNET
 from .placement import batchnorm_types
 
 # %% auto #0
-__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'to_best_precision', 'dl_broadcast', 'dl_rng',
-           'xsenet154_broken', 'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed',
-           'enable_sync_bn_norms', 'when_imported', 'apply_patches']
+__all__ = ['set_bn_eval', 'mp_before_fit', 'enable_cpu_amp', 'learner_create_opt', 'dl_broadcast', 'dl_rng', 'xsenet154_broken',
+           'fastai_xsenet154', 'broadcast_needs_cpu_fix', 'patch_distributed', 'enable_sync_bn_norms', 'when_imported',
+           'apply_patches']
 
 # %% ../nbs/03_fastai_patches.ipynb #9e394ad3
 def set_bn_eval(m:nn.Module, use_eval=True)->None:
@@ -66,23 +66,6 @@ def learner_create_opt(self):
     # One is enough, and fastai names a callback's attribute after its class (`learn.hessian_backward`): a second would replace it.
     if needs_create_graph(self.opt) and not any(isinstance(cb, HessianBackward) or cb.name == 'hessian_backward' for cb in self.cbs):
         self.add_cb(HessianBackward())
-
-# %% ../nbs/03_fastai_patches.ipynb #c0a1b2d2
-def to_best_precision(self, n_steps:int=2, # Timed training steps per precision
-                      warmup:int=1, # Untimed steps first, per precision
-                      margin:float|None=None, # Least fraction of fp32's step time bf16 must save (default: `precision.MARGIN`)
-                     ):
-    "Train in the precision `auto` picks for this `Learner`, measured on its model and data; records it in `precision_choice`."
-    from bnet_fastai.precision import choose_precision, time_precisions, clear_choice, MARGIN # late: it imports this module
-    dev = torch.device(getattr(self.dls, 'device', None) or fastai.torch_core.default_device())
-    margin = MARGIN if margin is None else margin
-    stop = lambda t: clear_choice(t, margin) # a clear first round ends the measurement
-    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop), margin=margin)
-    self.precision_choice = choice
-    self.to_fp32() # drops a `MixedPrecision` added before, so that there is never two
-    if choice.precision == 'fp32': return self
-    if dev.type != 'cuda': enable_cpu_amp()
-    return self.to_bf16() if choice.precision == 'bf16' else self.to_fp16()
 
 # %% ../nbs/03_fastai_patches.ipynb #9adeabbd
 def dl_broadcast(self, t:list, rank:int) -> list:
@@ -159,13 +142,18 @@ def _patch_training(tr):
 def _patch_learner(lm):
     _originals.setdefault('Learner.create_opt', lm.Learner.create_opt)
     lm.Learner.create_opt = learner_create_opt
-    patch_to(lm.Learner)(to_best_precision)
+
+def _patch_precision(pm):
+    "`Learner.to_best_precision`, defined on the precision page; `bnet_fastai` imports that module, so this runs on import."
+    patch_to(sys.modules['fastai.learner'].Learner)(pm.to_best_precision)
 
 def apply_patches():
     "Install every patch in the table above that applies on import, each only where fastai needs it. Safe to call again."
     _add_norm_types(BNET)
     when_imported('fastai.callback.training', _patch_training)
     when_imported('fastai.learner', _patch_learner)
+    # a hook, not an import: the precision module imports this one (for `enable_cpu_amp`)
+    when_imported('bnet_fastai.precision', _patch_precision)
     if xsenet154_broken(_originals.setdefault('xsenet154', fx.xsenet154)): fx.xsenet154 = fastai_xsenet154
     when_imported('fastai.distributed', patch_distributed)
     # bnet_fastai's own class, in no model fastai builds; PyTorch's SyncBatchNorm only through `enable_sync_bn_norms`

@@ -10,13 +10,12 @@ import contextlib, copy, platform, subprocess, sys, time, warnings
 from pathlib import Path
 import torch
 from torch import nn
-from fastai.callback.fp16 import MixedPrecision
-from fastai.torch_core import get_random_states, set_random_states
+from fastai.torch_core import get_random_states, set_random_states, default_device
 from .fastai_patches import enable_cpu_amp
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'MARGIN', 'cpu_bf16_native', 'cuda_bf16_native', 'preserved', 'time_precisions', 'PrecisionChoice',
-           'pick_precision', 'clear_choice', 'choose_precision', 'precision_cbs']
+           'pick_precision', 'clear_choice', 'choose_precision', 'to_best_precision', 'precision_cbs']
 
 # %% ../nbs/13_precision.ipynb #07150a67
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -189,6 +188,23 @@ def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
         raise ValueError("fp16 mixed precision needs a CUDA device; on a CPU use precision bf16 or fp32")
     return PrecisionChoice(precision, 'asked')
 
+# %% ../nbs/13_precision.ipynb #c0a1b2e2
+def to_best_precision(self, n_steps:int=2, # Timed training steps per precision
+                      warmup:int=1, # Untimed steps first, per precision
+                      margin:float|None=None, # Least fraction of fp32's step time bf16 must save (default: `precision.MARGIN`)
+                     ):
+    "Train in the precision `auto` picks for this `Learner`, measured on its model and data; records it in `precision_choice`."
+    import fastai.callback.fp16 # gives `Learner` its `to_fp32`/`to_bf16`/`to_fp16`
+    dev = torch.device(getattr(self.dls, 'device', None) or default_device())
+    margin = MARGIN if margin is None else margin
+    stop = lambda t: clear_choice(t, margin) # a clear first round ends the measurement
+    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop), margin=margin)
+    self.precision_choice = choice
+    self.to_fp32() # drops a `MixedPrecision` added before, so that there is never two
+    if choice.precision == 'fp32': return self
+    if dev.type != 'cuda': enable_cpu_amp()
+    return self.to_bf16() if choice.precision == 'bf16' else self.to_fp16()
+
 # %% ../nbs/13_precision.ipynb #7efa221d
 def precision_cbs(precision:str, # A precision `choose_precision` returned: fp32, bf16 or fp16
                   device:str|torch.device|None=None, # Training device (default: CUDA if there is one, else the CPU)
@@ -197,4 +213,5 @@ def precision_cbs(precision:str, # A precision `choose_precision` returned: fp32
     if precision == 'fp32': return []
     if precision not in ('bf16', 'fp16'): raise ValueError(f"unknown precision {precision!r}; valid here: fp32, bf16, fp16")
     if _device(device).type == 'cpu': enable_cpu_amp() # fastai's `MixedPrecision` autocasts only on CUDA unless asked
+    from fastai.callback.fp16 import MixedPrecision # here: importing it adds ProgressCallback to fastai's default callbacks
     return [MixedPrecision(amp_mode=precision)]

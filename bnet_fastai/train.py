@@ -232,15 +232,3 @@ def train(out:str|Path='runs', # Output folder: per-run history, checkpoints and
                 if not keep_checkpoints: (rd/'checkpoint.pth').unlink(missing_ok=True)
         results[norm].append(m)
     return write_outputs(out, cfg, results) if is_rank0() else summary_table(results)
-
-# %% ../nbs/08_train.ipynb #849ea30e
-def __getattr__(name):
-    if name == 'main': # `bnet_fastai.cli` imports this module, so it is imported only when asked for
-        from bnet_fastai.cli import main
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# %% ../nbs/08_train.ipynb #dfc6d2cf
-if __name__ == '__main__':
-    from bnet_fastai.cli import main
-    main()
