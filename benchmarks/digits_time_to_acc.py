@@ -7,7 +7,8 @@ import argparse, statistics, time
 import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
-from bnet_fastai.train import train_config, get_dls, build_learner, SCHEDS
+from bnet_fastai.config import train_config, SCHEDS
+from bnet_fastai.train import get_dls, build_learner
 
 class TimeToAcc(Callback):
     "Record the wall time since the start of `fit` and the valid accuracy at the end of each epoch."

@@ -305,7 +305,7 @@ def test_train_cli_every_zoo_arch(arch, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 def test_arch_registry_complete_in_fresh_process():
-    r = subprocess.run([sys.executable, '-c', 'from bnet_fastai.train import arch_registry; print(" ".join(arch_registry))'],
+    r = subprocess.run([sys.executable, '-c', 'from bnet_fastai.models.xresnet import arch_registry; import bnet_fastai.train; print(" ".join(arch_registry))'],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(ZOO) | set(BUILDERS) <= set(r.stdout.split())

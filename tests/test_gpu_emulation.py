@@ -64,7 +64,8 @@ def test_state_follows_a_move_after_training(name):
 # ---- resume ---------------------------------------------------------------------------------------------------
 
 import bnet_fastai.train as bt
-from bnet_fastai.train import train, train_config, train_run
+from bnet_fastai.train import train, train_run
+from bnet_fastai.config import train_config
 
 class Interrupted(Exception): pass
 

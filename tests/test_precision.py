@@ -3,7 +3,9 @@ import copy, json, random, warnings, pytest, numpy as np, torch
 from torch import nn
 import bnet_fastai.precision as bp
 from bnet_fastai.precision import choose_precision, precision_cbs, cpu_bf16_native, cuda_bf16_native, time_precisions, PrecisionChoice, MARGIN
-from bnet_fastai.train import train_config, train, main
+from bnet_fastai.train import train
+from bnet_fastai.config import train_config
+from bnet_fastai.cli import main
 
 def fake_cpu(monkeypatch, native:bool=False, amx:bool=False, avx512:bool=False, arm:bool=False):
     "An x86 CPU with the given flags (`native`: AVX512-BF16), or an Arm CPU whose BF16 extension is `native`."
