@@ -151,15 +151,19 @@ BEHAVIOUR = textwrap.dedent('''
     print(json.dumps(out))
 ''')
 
-def test_import_changes_nothing(tmp_path):
-    "fastai's behaviour checks give identical results in fresh processes with and without `import bnet_fastai`."
-    script = tmp_path/'behaviour.py'; script.write_text(BEHAVIOUR)
+def without_and_with_import(script:str, tmp_path) -> tuple:
+    "Run `script` (it imports bnet_fastai when its argument is '1') in two fresh processes; the JSON each prints last."
+    f = tmp_path/'script.py'; f.write_text(script)
     res = []
     for flag in ('0', '1'):
-        r = subprocess.run([sys.executable, str(script), flag], env=ENV, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, str(f), flag], env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         res.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    plain, ours = res
+    return tuple(res)
+
+def test_import_changes_nothing(tmp_path):
+    "fastai's behaviour checks give identical results in fresh processes with and without `import bnet_fastai`."
+    plain, ours = without_and_with_import(BEHAVIOUR, tmp_path)
     assert plain['pickle'].startswith('fastai.vision.models.xresnet XResNet') and plain['pickle'].endswith('False')
     assert 'ProgressCallback' not in plain['callbacks']
     assert ours == plain
@@ -276,13 +280,7 @@ SYNC_BN = textwrap.dedent(r"""
 
 def test_sync_bn_model_keeps_fastai_weight_decay(tmp_path):
     "A plain fastai Learner on a SyncBatchNorm model: same param groups, weight decay and `train_bn` flags with and without the import."
-    f = tmp_path/'sync_bn.py'; f.write_text(SYNC_BN)
-    res = []
-    for flag in ('0', '1'):
-        r = subprocess.run([sys.executable, str(f), flag], env=ENV, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        res.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    plain, ours = res
+    plain, ours = without_and_with_import(SYNC_BN, tmp_path)
     assert plain['wd'] == {'0.weight': 0.1, '0.bias': 0., '1.weight': 0.1, '1.bias': 0., '4.weight': 0.1, '4.bias': 0.} # fastai: a SyncBatchNorm is no norm
     assert ours == plain
 
