@@ -61,8 +61,8 @@ def test_sync_bn_run_both_ranks_finish(sync_run):
 
 def test_one_log_one_set_of_checkpoints(sync_run):
     out, _, _ = sync_run
-    assert _files(out) == ['bnet_s0/history.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth',
-                           'config.json', 'curves.png', 'summary.md']
+    assert _files(out) == ['bnet_s0/history.csv', 'bnet_s0/kernels.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth',
+                           'config.json', 'curves.png', 'kernels.png', 'summary.md']
     h = pd.read_csv(out/'bnet_s0'/'history.csv')
     assert list(h.epoch) == [1] # one writer: one header, one row
 
@@ -86,7 +86,7 @@ def test_valid_metrics_cover_every_item_once(sync_run):
 def test_without_sync_bn(tmp_path):
     res = _launch(CMD + ['--out', str(tmp_path/'out')], stats_dir=tmp_path/'stats')
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _files(tmp_path/'out')[:3] == ['bnet_s0/history.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth']
+    assert _files(tmp_path/'out')[:4] == ['bnet_s0/history.csv', 'bnet_s0/kernels.csv', 'bnet_s0/metrics.json', 'bnet_s0/model.pth']
     s0, s1 = _stats(tmp_path/'stats')
     assert set(s0['types'].values()) == {'BatchNorm2d'}
     # Without synchronisation the last step's local statistics leave the ranks apart

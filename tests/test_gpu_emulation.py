@@ -93,7 +93,7 @@ def small_digits(cfg, check=True, **kwargs): # the stand-in for `get_dls`, whose
     dls.train.n, dls.valid.n = 192, 64 # fastai's DataLoader draws its batches from the first `n` items
     return dls
 
-RESUME = dict(dataset='digits', arch='xresnet18', norm='bnet', epochs=2, size=16, bs=32)
+RESUME = dict(dataset='digits', arch='xresnet18', norm='bnet', epochs=2, size=16, bs=32, precision='fp32')
 
 def interrupt_and_resume(run, run_dir, stop):
     "Run to the end of epoch 1 and stop there, then resume to the end; return the last checkpoint."
