@@ -23,11 +23,11 @@ from .placement import check_placement, placements
 from .optimizers import opt_registry, get_opt
 from .activations import act_registry, get_act
 from .recipes import recipe_registry, LEADERBOARD_NOTES
-from .precision import PRECISIONS, choose_precision, cpu_bf16_native, cuda_bf16_native
+from .precision import PRECISIONS, choose_precision, cpu_bf16_native, cuda_bf16_native, bf16_conv_hazards, bf16_hazard_text
 
 # %% auto #0
 __all__ = ['SCHEDS', 'POOLS', 'TRAIN_DEFAULTS', 'DATASET_DEFAULTS', 'RANGES', 'option_choices', 'OptionError', 'min_size',
-           'resolve_options', 'train_config', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func']
+           'bf16_hazards', 'resolve_options', 'train_config', 'cfg_model_kwargs', 'cfg_loss_func', 'cfg_opt_func']
 
 # %% ../nbs/08a_config.ipynb #e2a49506
 SCHEDS = Registry('sched') # name → fastai's `Learner` method
@@ -95,6 +95,13 @@ def min_size(arch:str, # A name from `arch_registry`
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
     return lo
+
+@cache
+def bf16_hazards(arch:str, # A name from `arch_registry`
+                 size:int, # Image side
+                ) -> tuple:
+    "`bf16_conv_hazards` of `arch` on a `size`-pixel image: the convolutions where CPU bf16 training goes wrong."
+    return tuple(bf16_conv_hazards(arch_registry[arch](n_out=2), torch.zeros(1, 3, size, size)))
 
 # %% ../nbs/08a_config.ipynb #5329bd6f
 def _check_choice(registry:Registry, value):
@@ -207,6 +214,8 @@ def train_config(
     asked = precision
     # `auto` on native bf16 is measured on the real models, which `train` builds: left unresolved here
     precision, why = ('auto', 'auto: to be measured') if precision == 'auto' and _bf16_native() else choose_precision(precision)
+    if precision == 'bf16' and not torch.cuda.is_available() and (hz := bf16_hazards(o['arch'], o['size'])):
+        raise OptionError('precision', 'bf16', bf16_hazard_text(hz))
     return AttrDict(dataset=str(dataset), arch=o['arch'], norms=norms, bnet_at=bnet_at, act=o['act'], opt=o['opt'], epochs=kw['epochs'],
                     lr=o['lr'], bs=o['bs'], size=o['size'], sched=o['sched'], wd=o['wd'], seeds=seeds, mixup=float(o['mixup']),
                     precision=precision, precision_why=why, precision_asked=asked, precision_timings={}, precision_probe_s=None,

@@ -14,8 +14,9 @@ from fastai.torch_core import get_random_states, set_random_states, default_devi
 from .fastai_patches import enable_cpu_amp
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'MARGIN', 'cpu_bf16_native', 'cuda_bf16_native', 'preserved', 'time_precisions', 'PrecisionChoice',
-           'pick_precision', 'clear_choice', 'choose_precision', 'to_best_precision', 'precision_cbs']
+__all__ = ['PRECISIONS', 'MARGIN', 'cpu_bf16_native', 'cuda_bf16_native', 'preserved', 'time_precisions', 'bf16_conv_hazards',
+           'bf16_hazard_text', 'PrecisionChoice', 'pick_precision', 'clear_choice', 'choose_precision',
+           'to_best_precision', 'precision_cbs']
 
 # %% ../nbs/13_precision.ipynb #07150a67
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -120,6 +121,30 @@ def time_precisions(learn, # The `Learner` to measure: its model, loss, optimize
             if res and stop is not None and stop(res): break
         return res
 
+# %% ../nbs/13_precision.ipynb #4aefe5cb
+def bf16_conv_hazards(model:nn.Module, # The model to check
+                      xb:torch.Tensor, # An input batch: its first item goes through `model` once, in eval mode, without gradients
+                     ) -> list:
+    "Names of `model`'s convolutions that see a map one pixel long along an axis they stride, where PyTorch's CPU bf16 weight gradient is garbage."
+    found, modes = [], [m.training for m in model.modules()]
+    def hook(name):
+        def f(m, i, o):
+            if any(n == 1 and s > 1 and k > 1 for n, s, k in zip(i[0].shape[2:], m.stride, m.kernel_size)): found.append(name)
+        return f
+    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad(): model.eval()(xb[:1])
+    finally:
+        for h in hs: h.remove()
+        for m, t in zip(model.modules(), modes): m.training = t
+    return found
+
+def bf16_hazard_text(hazards:list) -> str:
+    "Why bf16 is wrong on the CPU for a model with `hazards`, and what to do instead."
+    names = ', '.join(hazards[:2]) + (f' and {len(hazards) - 2} more' if len(hazards) > 2 else '')
+    return (f"bf16 on the CPU would train this model wrongly: {names} see(s) a 1-pixel map along an axis it strides, where "
+            "PyTorch's CPU bf16 weight gradient is garbage; use larger images, or fp32")
+
 # %% ../nbs/13_precision.ipynb #b1d0e1a8
 class PrecisionChoice(tuple):
     "`(precision, reason)` as `choose_precision` returns it; `timings` holds the seconds per step it measured ({} if none)."
@@ -167,6 +192,7 @@ def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
                      device:str|torch.device|None=None, # Training device (default: CUDA if there is one, else the CPU)
                      probe=None, # `probe(precisions) -> {precision: seconds_per_step}`, e.g. `time_precisions` on a `Learner`
                      margin:float=MARGIN, # Least fraction of fp32's step time that bf16 must save for `auto` to take it
+                     hazards=None, # Convolutions where CPU bf16 training goes wrong (`bf16_conv_hazards`): `auto` keeps fp32, `bf16` is refused
                     ) -> PrecisionChoice:
     "The precision to train in on `device` and why, as `(precision, reason)`; a `ValueError` where it cannot run."
     if precision not in PRECISIONS:
@@ -175,6 +201,9 @@ def choose_precision(precision:str='auto', # auto, fp32, bf16 or fp16
     cuda = dev.type == 'cuda'
     where = torch.cuda.get_device_name(dev) if cuda else 'this CPU'
     native = cuda_bf16_native() if cuda else cpu_bf16_native()
+    if hazards and not cuda and precision in ('auto', 'bf16'):
+        if precision == 'bf16': raise ValueError(bf16_hazard_text(hazards))
+        if native: return PrecisionChoice('fp32', f"auto: fp32, as {bf16_hazard_text(hazards)}")
     if precision == 'auto':
         if not native: return PrecisionChoice('fp32', _no_native(where, cuda))
         if probe is None: return PrecisionChoice('bf16', f"auto: {where} has native bf16 (not measured)")
@@ -198,7 +227,11 @@ def to_best_precision(self, n_steps:int=2, # Timed training steps per precision
     dev = torch.device(getattr(self.dls, 'device', None) or default_device())
     margin = MARGIN if margin is None else margin
     stop = lambda t: clear_choice(t, margin) # a clear first round ends the measurement
-    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop), margin=margin)
+    hazards = None
+    if dev.type != 'cuda' and cpu_bf16_native(): # only there can `auto` pick bf16
+        with preserved(self): hazards = bf16_conv_hazards(self.model, self.dls.train.one_batch()[0]) # the draw leaves no trace
+    choice = choose_precision('auto', dev, probe=lambda ps: time_precisions(self, ps, n_steps=n_steps, warmup=warmup, stop=stop),
+                              margin=margin, hazards=hazards)
     self.precision_choice = choice
     self.to_fp32() # drops a `MixedPrecision` added before, so that there is never two
     if choice.precision == 'fp32': return self

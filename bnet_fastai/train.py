@@ -25,7 +25,7 @@ from .models.xresnet import arch_registry
 from .activations import get_act
 from .precision import precision_cbs, choose_precision, time_precisions, clear_choice
 from .kernels import bnet_layers, bnet_kernel_summary
-from .config import train_config, OptionError, SCHEDS, cfg_model_kwargs, cfg_loss_func, cfg_opt_func
+from .config import train_config, OptionError, SCHEDS, cfg_model_kwargs, cfg_loss_func, cfg_opt_func, bf16_hazards
 from .checkpoint import EpochCheckpoint, _atomic_write
 from .runlog import RunLogger, EpochLines
 from .reports import summary_table, write_outputs, write_run, _run_dir, _precision_line
@@ -185,7 +185,7 @@ def resolve_precision(cfg:AttrDict, # From `train_config`
     if cfg.precision != 'auto': return cfg
     t = time.perf_counter()
     # One precision for every norm, from their summed step times: the norms are compared like for like
-    c = choose_precision('auto', probe=_probe(cfg, exclude))
+    c = choose_precision('auto', probe=_probe(cfg, exclude), hazards=None if torch.cuda.is_available() else bf16_hazards(cfg.arch, cfg.size))
     return AttrDict({**cfg, 'precision': c.precision, 'precision_why': c.reason, 'precision_timings': c.timings,
                      'precision_probe_s': round(time.perf_counter() - t, 2)})
 

@@ -68,7 +68,11 @@ def page_name(nb_path, nbs_path) -> str:
 
 def env_key() -> str:
     "Every installed distribution and its version: a notebook's outputs depend on them as much as on its own cells."
-    return '\n'.join(sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()))
+    # The project itself is left out (`exec_key` hashes its sources): its editable install's `*.egg-info` in the root is
+    # seen only from the root, so counting it would make a copy of the project (the site test's) rerun every notebook.
+    own = re.sub(r'[-_.]+', '-', get_config(ROOT).lib_name).lower()
+    return '\n'.join(sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                              if re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() != own}))
 
 def exec_key(nb_path, cfg=None, env:str|None=None) -> str:
     "Hash of what a notebook's outputs depend on: its own bytes, the package sources and the installed distributions."

@@ -1,4 +1,4 @@
-"BNET written out in plain torch maths, and probes of which path a BNET took: shared by the layer, convert, deploy and zoo tests."
+"BNET written out in plain torch maths, a watch on whether its kernels learned, and probes of which path a BNET took: shared by the layer, convert, deploy, zoo and contract tests."
 import torch
 import torch.nn.functional as F
 from bnet_fastai.layers import BNET
@@ -27,6 +27,30 @@ def off_centre(w):
     mask = torch.ones_like(w, dtype=torch.bool)
     mask[(slice(None), 0) + (w.shape[-1] // 2,) * (w.dim() - 2)] = False
     return w[mask]
+
+class KernelWatch:
+    "While `model` trains inside `with`, records each BNET's starting kernel and the size of the maps it sees; `check()` then asserts every kernel learned."
+    def __init__(self, model):
+        self.bnets = [b for b in model.modules() if isinstance(b, BNET)]
+        self.init = [b.conv.weight.detach().clone() for b in self.bnets]
+        self.sizes = {} # BNET -> pixels of the first map it saw in training
+    def _size(self, b, i, o):
+        if b.training: self.sizes.setdefault(b, i[0].shape[2:].numel())  # returns None: the output stays as it is
+    def __enter__(self):
+        self.hooks = [b.register_forward_hook(self._size) for b in self.bnets]
+        return self
+    def __exit__(self, *exc):
+        for h in self.hooks: h.remove()
+    def check(self, tol=1e-4) -> int:
+        """Every BNET trained and its kernel moved off its start (identity, or zero ending a residual branch), off-centre
+        taps too wherever its map was larger than 1×1 (on a 1×1 map they only ever see padding). Returns how many."""
+        assert self.bnets and len(self.sizes) == len(self.bnets), f'{len(self.sizes)} of {len(self.bnets)} BNETs ran in training'
+        assert any(n > 1 for n in self.sizes.values()), 'no BNET saw a map larger than 1×1: off-centre taps untested'
+        for i, (b, w0) in enumerate(zip(self.bnets, self.init)):
+            w = b.conv.weight.detach()
+            assert not torch.equal(w, w0), f'BNET {i} ({b.nf} channels): its kernel never moved'
+            if self.sizes[b] > 1: assert off_centre(w - w0).abs().max() > tol, f'BNET {i}: its off-centre taps never learned'
+        return len(self.bnets)
 
 def is_lean(y):
     "Whether the lean path's backward node is in `y`'s graph."

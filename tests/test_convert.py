@@ -9,7 +9,7 @@ from bnet_fastai.layers import BNET
 from bnet_fastai.convert import convert_to_bnet, ConvertReport
 from bnet_fastai.placement import branch_last_norms
 from _digits import digits_dls
-from _bnet_ref import check_bnets_match_reference, off_centre
+from _bnet_ref import check_bnets_match_reference, off_centre, KernelWatch
 
 def randomise_norms(model, x, seed=0):
     "Trained-looking BatchNorms: random affines (small γ ending residual branches, as training leaves them), running stats from data."
@@ -84,9 +84,8 @@ def test_vision_learner_convert_split_and_fit():
     learn.model = convert_to_bnet(learn.model)
     rep = learn.model.convert_report
     assert rep.n_converted == n_bn(orig) and n_bn(learn.model) == 0  # head BatchNorm1d included
-    bnets = [m for m in learn.model.modules() if isinstance(m, BNET)]
-    init = [b.conv.weight.detach().clone() for b in bnets]
-    assert all(not off_centre(w).any() for w in init)  # a converted BatchNorm: only the centre tap
+    kw = KernelWatch(learn.model)
+    assert all(not off_centre(w).any() for w in kw.init)  # a converted BatchNorm: only the centre tap
     # an untrained resnet34 with fastai's head gives logits up to 36-72 (seeds 0-7) in eval mode: a blown-up one gives far more
     check_same_function(orig, learn.model, F.interpolate(xb[:16], size=64, mode='bilinear'), max_out=200)
     # fastai's splitter still finds body and head, and covers every parameter once.
@@ -101,20 +100,12 @@ def test_vision_learner_convert_split_and_fit():
     assert not body[0].weight.requires_grad
     assert all(p.requires_grad for m in body.modules() if isinstance(m, BNET) for p in m.parameters())
     learn.unfreeze()
-    sizes = {}
-    def size(b, i, o): sizes.setdefault(b, i[0].shape[2:].numel())  # returns None: the output stays as it is
-    hs = [b.register_forward_hook(size) for b in bnets]
-    learn.fit_one_cycle(1, 1e-3)  # fp32
-    for h in hs: h.remove()
+    with kw: learn.fit_one_cycle(1, 1e-3)  # fp32
     # Fine-tuning trained every BNET's kernel: it moved, and grew off-centre taps wherever the map is larger than 1×1
     # (on a 1×1 map, like the head's BatchNorm1d turned BNET, they only ever see padding).
-    assert sum(n > 1 for n in sizes.values()) > len(bnets) // 2
-    for b, w0 in zip(bnets, init):
-        w = b.conv.weight.detach()
-        assert not torch.equal(w, w0)
-        if sizes[b] > 1: assert off_centre(w).abs().max() > 1e-4
-    # And the trained BNETs still compute BNET's maths.
-    assert check_bnets_match_reference(learn.model, xb[:8]) == len(bnets)
+    n = kw.check()
+    assert sum(s > 1 for s in kw.sizes.values()) > n // 2
+    assert check_bnets_match_reference(learn.model, xb[:8]) == n
 
 def random_norm_stats(model, seed=0):
     "Every BatchNorm gets random running statistics and affine, as a trained network has."

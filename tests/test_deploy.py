@@ -8,8 +8,9 @@ from bnet_fastai.layers import BNET
 from bnet_fastai.models.xresnet import xresnet18, xresnet50, xse_resnet50
 from bnet_fastai.deploy import fuse_bnet, export_onnx
 from bnet_fastai.fastai_patches import enable_cpu_amp
+from bnet_fastai.precision import bf16_conv_hazards
 from _digits import digits_dls
-from _bnet_ref import check_bnets_match_reference, off_centre
+from _bnet_ref import check_bnets_match_reference, KernelWatch
 
 _bn = nn.modules.batchnorm._BatchNorm
 
@@ -120,39 +121,37 @@ class EveryBatch(Callback):
     def after_batch(self): self.fn()
 
 @pytest.mark.slow
-@pytest.mark.parametrize('precision,dtype', [('to_bf16', torch.bfloat16), ('to_fp16', torch.float16)])
-def test_mixed_precision_training_digits(precision, dtype, request):
+# bf16 at 24 px: below that a strided conv of xresnet18 sees a 1-pixel map, where PyTorch's CPU bf16 weight gradient is
+# garbage (`bf16_conv_hazards`); fp16 is right there, and at 8 px (native) stays quick on CPUs without fp16 units.
+@pytest.mark.parametrize('precision,dtype,size,n', [('to_bf16', torch.bfloat16, 24, 600), ('to_fp16', torch.float16, 8, 1100)])
+def test_mixed_precision_training_digits(precision, dtype, size, n, request):
     "After `enable_cpu_amp()`, fastai's own `to_bf16()`/`to_fp16()` train a BNET model in that dtype on the CPU (fastai alone stays in fp32)."
     enable_cpu_amp()
     request.addfinalizer(lambda: enable_cpu_amp(False))
-    # Native 8×8 and a quarter of the width: half-precision convolutions are slow on CPUs without bf16/fp16 units
-    dls = digits_dls(size=8, n=1100, bs=64, n_valid=300)
+    # A quarter of the width: half-precision convolutions are slow on CPUs without bf16/fp16 units
+    dls = digits_dls(size=size, n=n, bs=64, n_valid=300)
     learn = getattr(Learner(dls, xresnet18(norm='bnet', n_out=10, widen=0.25), loss_func=CrossEntropyLossFlat()), precision)()
-    seen, scaling, errs, sizes = set(), set(), {}, {}
+    if dtype == torch.bfloat16: assert bf16_conv_hazards(learn.model, dls.one_batch()[0]) == []
+    seen, scaling, errs = set(), set(), {}
     learn.add_cb(EveryBatch(lambda: scaling.add(learn.scaler.is_enabled()) if learn.training else None))
-    bnets = [m for m in learn.model.modules() if isinstance(m, BNET)]
-    init = [b.conv.weight.detach().clone() for b in bnets]
+    kw = KernelWatch(learn.model)
     def check(b, i, o):
         "In each training batch (the last one's kept, when kernels have learned): output dtype, distance from BNET's maths in fp32."
         if not b.training: return
-        seen.add(o.dtype); sizes[b] = i[0].shape[2:]
+        seen.add(o.dtype)
         with torch.no_grad(), torch.autocast('cpu', enabled=False): errs[b] = rel_err(o.float(), bnet_train_reference(b, i[0]))
-    hs = [b.register_forward_hook(check) for b in bnets]
-    learn.fit_one_cycle(1, 3e-3)
+    hs = [b.register_forward_hook(check) for b in kw.bnets]
+    with kw: learn.fit_one_cycle(1, 3e-3)
     for h in hs: h.remove()
     assert seen == {dtype}  # training really ran under autocast in that dtype
     assert scaling == {dtype == torch.float16}  # fp16 losses are scaled (on the CPU's scaler); bf16 needs no scaling
     # Each BNET computed BNET's maths within the dtype's rounding (bf16 keeps 8 mantissa bits, fp16 11) ...
-    assert len(errs) == len(bnets) and max(errs.values()) < (3e-2 if dtype == torch.bfloat16 else 5e-3), max(errs.values())
+    assert len(errs) == len(kw.bnets) and max(errs.values()) < (3e-2 if dtype == torch.bfloat16 else 5e-3), max(errs.values())
     # ... and its kernel learned: every kernel moved off its start (identity, or zero ending a residual branch), the
     # off-centre taps too wherever the map was larger than 1×1 (there they only ever see padding).
-    for b, w0 in zip(bnets, init):
-        w = b.conv.weight.detach()
-        assert not torch.equal(w, w0)
-        if sizes[b].numel() > 1: assert off_centre(w - w0).abs().max() > 1e-4
-    assert any(sizes[b].numel() > 1 for b in bnets)
+    n = kw.check()
     # After training, in eval and fp32, every BNET still computes BNET's maths on its running statistics.
-    assert check_bnets_match_reference(learn.model, learn.dls.valid.one_batch()[0]) == len(bnets)
+    assert check_bnets_match_reference(learn.model, learn.dls.valid.one_batch()[0]) == n
 
 def test_channels_last_and_half():
     "channels_last matches NCHW in fp32 (1e-4); bf16 and fp16 weights match fp32 within their rounding."

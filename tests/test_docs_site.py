@@ -217,6 +217,17 @@ def test_pages_keep_quartos_names():
     assert {p.name for _, p in pages} == {p.name for p in cfg.nbs_path.glob('*.ipynb') if not p.name.startswith('_')}
     assert page_name(cfg.nbs_path/'00_layers.ipynb', cfg.nbs_path) == 'layers'
 
+def test_run_cache_key_ignores_where_it_runs(tmp_path):
+    """The notebooks' run cache is keyed the same from any folder: an editable install's `bnet_fastai.egg-info`, which
+    only a process started in the project root sees, must not make a copy of the project (the site test's) rerun them all."""
+    key = f"import runpy; print(runpy.run_path({str(root/'docs'/'build.py')!r})['env_key']())"
+    egg = tmp_path/'in_root'/'bnet_fastai.egg-info'; egg.mkdir(parents=True)
+    (egg/'PKG-INFO').write_text('Metadata-Version: 2.1\nName: bnet_fastai\nVersion: 0.0.0.dev0\n')
+    (tmp_path/'elsewhere').mkdir()
+    keys = [subprocess.run([sys.executable, '-c', key], cwd=tmp_path/d, capture_output=True, text=True, timeout=300) for d in ('in_root', 'elsewhere')]
+    assert all(k.returncode == 0 for k in keys), keys[0].stderr[-2000:]
+    assert keys[0].stdout.count('==') > 10 and keys[0].stdout == keys[1].stdout
+
 def test_quarto_options_and_links():
     c = mk_cell('#| echo: false\n#| output: asis\nshow_doc(BNET)')
     assert build.quarto_opts(c) == {'echo': 'false', 'output': 'asis'} and c.source == 'show_doc(BNET)'

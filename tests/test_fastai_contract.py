@@ -3,6 +3,7 @@ import inspect, json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
 from torch import nn
+from _bnet_ref import KernelWatch, check_bnets_match_reference
 from fastai.vision.models import xresnet as fx
 
 root = Path(__file__).resolve().parents[1]
@@ -338,14 +339,18 @@ def _check_frozen(learn):
     assert trainable == head | _norm_params(body)
     assert any(not p.requires_grad for p in body.parameters())
 
+def _check_trains_bnets(learn):
+    "`fit` (fp32) trains every BNET's kernel, the spatial taps included, and the trained BNETs compute BNET's maths."
+    with KernelWatch(learn.model) as kw, learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert check_bnets_match_reference(learn.model, learn.dls.one_batch()[0]) == kw.check() > 0
+
 def test_vision_learner_bnet():
     from fastai.vision.learner import vision_learner, model_meta
     from bnet_fastai.models.xresnet import xresnet18, with_norm
     arch = with_norm(xresnet18, 'bnet')
     learn = vision_learner(_learner_data(), arch, pretrained=False, n_out=2, loss_func=nn.CrossEntropyLoss())
     assert len(learn.splitter(learn.model)) == 3 and model_meta[arch] == model_meta[fx.xresnet18]
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+    _check_trains_bnets(learn)
     _check_frozen(learn)
     # fastai's default is pretrained=True: there are no BNET weights, and the error says so
     with pytest.raises(ValueError, match='no pretrained weights'): vision_learner(_learner_data(), arch, n_out=2)
@@ -357,6 +362,6 @@ def test_unet_learner_bnet():
     from bnet_fastai.models.xresnet import xresnet34, with_norm
     learn = unet_learner(_learner_data(seg=True), with_norm(xresnet34, 'bnet'), pretrained=False, n_out=2,
                          loss_func=CrossEntropyLossFlat(axis=1))
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    _check_trains_bnets(learn)
     assert learn.model(torch.randn(2, 3, 64, 64)).shape == (2, 2, 64, 64)
     _check_frozen(learn)

@@ -247,7 +247,7 @@ def test_clear_round_stops_the_probe(monkeypatch):
 import bnet_fastai.train as bt
 from bnet_fastai.layers import BNET as _BNET
 from bnet_fastai.train import resolve_precision
-TINY = dict(dataset='digits', arch='mininet', size=16, epochs=1, bs=128) # the smallest arch, 16 px: seconds per run
+TINY = dict(dataset='digits', arch='mininet', size=24, epochs=1, bs=128) # the smallest arch at the least side where CPU bf16 is right: seconds per run
 
 class FakeTimer:
     "`time_precisions` with fixed seconds per step for a model with BNETs and one without; records the norms it timed."
@@ -311,3 +311,37 @@ def test_no_native_no_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(bt, 'time_precisions', _no_probe)
     cfg = train_config(**{k: v for k, v in TINY.items()})
     assert cfg.precision == 'fp32' and resolve_precision(cfg, tmp_path) == cfg
+
+
+# Where CPU bf16 goes wrong: a strided conv on a 1-pixel map (PyTorch's bf16 weight gradient is garbage there)
+
+def test_bf16_conv_hazards_by_shape():
+    "Exactly the convolutions that see one pixel along an axis they stride with a kernel wider than 1, whatever the dims."
+    from bnet_fastai.precision import bf16_conv_hazards
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1),   # 2×2 in: two pixels, fine
+                        nn.Conv2d(4, 4, 3, stride=2, padding=1),   # 1×1 in, stride 2: the hazard
+                        nn.Conv2d(4, 4, 3, stride=1, padding=1),   # 1×1 in, stride 1: fine
+                        nn.Conv2d(4, 4, 1, stride=2))              # 1×1 kernel: no tap sees only padding
+    net.train()
+    assert bf16_conv_hazards(net, torch.zeros(5, 3, 2, 2)) == ['1'] and net.training
+    assert bf16_conv_hazards(net, torch.zeros(1, 3, 4, 4)) == []  # 4 → 2 → 1: the 1-pixel map meets only stride 1 or a 1×1 kernel
+    c1 = nn.Sequential(nn.Conv1d(2, 2, 3, stride=2, padding=1))
+    assert bf16_conv_hazards(c1, torch.zeros(1, 2, 1)) == ['0'] and bf16_conv_hazards(c1, torch.zeros(1, 2, 2)) == []
+
+def test_auto_avoids_and_bf16_refuses_a_hazard(monkeypatch, tmp_path, capsys):
+    "Native bf16, mininet at 16 px (its last strided conv sees 1 pixel): `auto` trains fp32 unmeasured and says why; `--precision bf16` is one line, exit 2, nothing written."
+    fake_cpu(monkeypatch, native=True)
+    monkeypatch.setattr(bt, 'time_precisions', _no_probe)
+    out = tmp_path/'auto'
+    train(norm='bnet', out=out, **{**TINY, 'size': 16})
+    cfg = json.loads((out/'config.json').read_text())
+    assert cfg['precision'] == 'fp32' and cfg['precision_why'].startswith("auto: fp32, as bf16 on the CPU would train this model wrongly: ")
+    assert "PyTorch's CPU bf16 weight gradient is garbage" in cfg['precision_why']
+    from bnet_fastai.cli import main
+    args = ['--dataset', 'digits', '--arch', 'mininet', '--size', '16', '--precision', 'bf16', '--out', str(tmp_path/'bf16')]
+    with pytest.raises(SystemExit) as e: main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith('bnet-train: error: --precision bf16: bf16 on the CPU would train this model wrongly')
+    assert not (tmp_path/'bf16').exists()
+    main([*args[:5], '24', *args[6:], '--epochs', '1', '--bs', '128']) # 24 px: no hazard, bf16 trains
+    assert json.loads((tmp_path/'bf16'/'config.json').read_text())['precision'] == 'bf16' and (tmp_path/'bf16'/'bnet_s0'/'model.pth').exists()
