@@ -8,7 +8,7 @@ from bnet_fastai.data import digits_dls
 from bnet_fastai.models.xresnet import xresnet18
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = ['-m', 'bnet_fastai.cli', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--precision', 'fp32', '--epochs', '1']
+CMD = ['-m', 'bnet_fastai.cli', '--dataset', 'digits', '--arch', 'xresnet18', '--norm', 'bnet', '--precision', 'fp32', '--size', '16', '--epochs', '1'] # 16 px: digits are 8×8
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope='module', autouse=True)
@@ -36,7 +36,7 @@ def _valid_eval(weights:Path):
     model.load_state_dict(torch.load(weights))
     correct, loss, n = 0, 0., 0
     with torch.no_grad():
-        for xb, yb in digits_dls(32, 64).valid:
+        for xb, yb in digits_dls(16, 64).valid:
             xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)
             p = model(xb)
             correct += (p.argmax(1) == yb).sum().item(); loss += nn.functional.cross_entropy(p, yb, reduction='sum').item(); n += len(yb)
@@ -95,7 +95,7 @@ def test_without_sync_bn(tmp_path):
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     "SIGKILL to the launcher and both ranks at epoch 2, batch 2, sent by rank 0 itself (no timing), then --resume."
     out, ckpt = tmp_path/'out', tmp_path/'out'/'bnet_s0'/'checkpoint.pth'
-    args = CMD[:-1] + ['2', '--size', '16', '--sync-bn', '--out', str(out)]
+    args = CMD[:-1] + ['2', '--sync-bn', '--out', str(out)]
     probe = [str(ROOT/'tests'/'_interrupt_probe.py'), '2', '2', *args[2:]] # args[:2] is `-m bnet_fastai.cli`
     res = subprocess.run(launch_cmd(2, *probe), env={**_env(), 'PROBE_KILL_LAUNCH': '1'}, capture_output=True, text=True, timeout=400)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]

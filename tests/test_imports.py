@@ -1,5 +1,5 @@
 "Every module imports on its own, and the package's modules import one another without a cycle."
-import ast, os, subprocess, sys
+import ast, json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -70,10 +70,55 @@ GRAPH = import_graph(root/PKG)
 def test_no_import_cycle():
     assert (cycle := find_cycle(GRAPH)) == [], f"import cycle: {' -> '.join(cycle)}"
 
-@pytest.mark.parametrize('name', sorted(GRAPH))
-def test_module_imports_alone(name):
-    "Each module imports first in a fresh interpreter: no module relies on another having been imported before it."
+# One interpreter imports the third-party libraries underneath (torch, pandas, timm...: most of every import's time, and
+# none of them patched by this package), then forks a child per module: each child starts with no module of the
+# package, or of fastai, loaded, and imports just its module.
+FORK_IMPORTS = r"""
+import importlib, json, os, sys, traceback
+for lib in ('torch', 'torchvision', 'numpy', 'pandas', 'matplotlib', 'PIL.Image', 'scipy', 'sklearn', 'fastcore.all', 'fastprogress', 'timm', 'pytorch_optimizer'):
+    try: importlib.import_module(lib)
+    except ImportError: pass
+root, names, res = sys.argv[1], sys.argv[2:], {}
+assert not [m for m in sys.modules if m.split('.')[0] in ('bnet_fastai', 'fastai')]
+for name in names:
+    r, w = os.pipe()
+    if (pid := os.fork()) == 0:
+        os.close(r)
+        try:
+            m = importlib.import_module(name)
+            assert m.__file__.startswith(root), m.__file__
+            err = ''
+        except BaseException: err = traceback.format_exc()
+        os.write(w, err.encode()); os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f: err = f.read()
+    _, status = os.waitpid(pid, 0)
+    res[name] = err or ('' if status == 0 else f'the child exited with status {status}')
+print(json.dumps(res))
+"""
+
+@pytest.fixture(scope='module')
+def imported_alone():
+    "`{module: error text, '' if it imported}`, each module imported first in a fresh process."
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])}
-    code = f"import importlib, sys; m = importlib.import_module({name!r}); assert m.__file__.startswith({str(root)!r}), m.__file__"
-    p = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"import {name} failed:\n{p.stderr[-3000:]}"
+    p = subprocess.run([sys.executable, '-c', FORK_IMPORTS, str(root), *sorted(GRAPH)], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+@pytest.mark.parametrize('name', sorted(GRAPH))
+def test_module_imports_alone(name, imported_alone):
+    "Each module imports first in a fresh process: no module relies on another having been imported before it."
+    assert imported_alone[name] == '', f"import {name} failed:\n{imported_alone[name][-3000:]}"
+
+def test_fresh_import_catches_a_reliance(tmp_path):
+    "The check fails a module that works only after another one was imported."
+    pkg = tmp_path/PKG
+    pkg.mkdir()
+    (pkg/'__init__.py').write_text('')
+    (pkg/'a.py').write_text('import sys\nX = 1\n')
+    (pkg/'b.py').write_text('import sys\nY = sys.modules["bnet_fastai.a"].X\n') # works only after `a`
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+    p = subprocess.run([sys.executable, '-c', FORK_IMPORTS, str(tmp_path), f'{PKG}.a', f'{PKG}.b'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res[f'{PKG}.a'] == '' and "KeyError: 'bnet_fastai.a'" in res[f'{PKG}.b']
