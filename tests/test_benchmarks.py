@@ -1,5 +1,5 @@
 "Smoke runs of the benchmark scripts at tiny sizes: they must keep running and print their tables (timings are not tested)."
-import json, os, platform, re, statistics, subprocess, sys
+import json, os, platform, re, runpy, statistics, subprocess, sys
 from pathlib import Path
 import pytest
 from bnet_fastai.precision import cpu_bf16_native
@@ -64,11 +64,21 @@ def test_train_step_quick(tmp_path):
     assert 'fp32 xresnet18 BNET-3 default (lean): speed' in r.stdout
     assert 'of the floor' in r.stdout and png.stat().st_size > 0
 
-def test_train_step_rejects_fp16_on_cpu():
-    r = bench('train_step.py', '--quick', '--precision', 'fp32,fp16')
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--precision fp16 needs --device cuda; on a CPU use fp32 or bf16")
-    r = bench('train_step.py', '--quick', '--precision', 'fp8')
-    assert r.returncode == 2 and "unknown precision 'fp8'; valid choices: fp32, bf16, fp16" in r.stderr
+def script(name) -> dict:
+    "A benchmark script's functions, loaded without running it (its argument checks run here, without a process each)."
+    if str(ROOT/'benchmarks') not in sys.path: sys.path.insert(0, str(ROOT/'benchmarks')) # the scripts import their helpers
+    return runpy.run_path(str(ROOT/'benchmarks'/name), run_name='benchmark')
+
+def refused(parse, args, capsys) -> str:
+    "What `parse(args)` prints as it exits with status 2."
+    with pytest.raises(SystemExit) as e: parse(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+def test_train_step_rejects_fp16_on_cpu(capsys):
+    parse = script('train_step.py')['parse_args']
+    assert refused(parse, ['--quick', '--precision', 'fp32,fp16'], capsys).strip().splitlines()[-1].endswith("--precision fp16 needs --device cuda; on a CPU use fp32 or bf16")
+    assert "unknown precision 'fp8'; valid choices: fp32, bf16, fp16" in refused(parse, ['--quick', '--precision', 'fp8'], capsys)
 
 def test_inference_small(tmp_path):
     png = tmp_path/'inf.png'
@@ -95,13 +105,14 @@ def test_optimizer_step_small():
     assert [row[0] for row in rows(r.stdout, 'bnet_fastai')] == ['bnet_fastai ranger', 'bnet_fastai ranger_lars']
     assert rows(r.stdout, 'fastai')[0][2] == '1.00×'
 
-@pytest.mark.parametrize('script,args,bad', [('train_step.py', ['--heap', 'bogus'], "'bogus'"),
-                                             ('train_step.py', ['--archs', 'xresnet7'], "'xresnet7'"),
-                                             ('inference.py', ['--arch', 'nope', '--png', ''], "'nope'")])
-def test_bad_arguments_name_the_value_and_choices(script, args, bad, tmp_path):
-    r = bench(script, *args)
-    assert r.returncode != 0 and bad in r.stderr
-    assert 'keep' in r.stderr or 'xresnet50' in r.stderr # the valid choices are listed
+@pytest.mark.parametrize('args,bad', [(['--heap', 'bogus'], "'bogus'"), (['--archs', 'xresnet7'], "'xresnet7'")])
+def test_bad_arguments_name_the_value_and_choices(args, bad, capsys):
+    err = refused(script('train_step.py')['parse_args'], args, capsys)
+    assert bad in err and ('keep' in err or 'xresnet50' in err) # the valid choices are listed
+
+def test_inference_bad_arch_names_the_choices():
+    r = bench('inference.py', '--arch', 'nope', '--png', '')
+    assert r.returncode != 0 and "'nope'" in r.stderr and 'xresnet50' in r.stderr
 
 @pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='checks the message given without CUDA')
 def test_gpu_script_fails_fast_without_cuda(tmp_path):
