@@ -129,12 +129,13 @@ def test_ctrl_c_and_resume(digits_runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 # bf16 on CPUs promises agreement within these (README, "Train from the command line", and the train page say so): final
-# accuracy and top-5 within 2 points, losses within 5%. fp32 promises the same run to the bit (test_ctrl_c_and_resume).
-BF16_TOL = dict(accuracy=0.02, top5=0.02, valid_loss=0.05, train_loss=0.05)
+# accuracy and top-5 within 1 point, losses within 2%. fp32 promises the same run to the bit (test_ctrl_c_and_resume).
+# (A resume that loses the weights ends 2.2 points off here: the tolerance is tight enough to catch it.)
+BF16_TOL = dict(accuracy=0.01, top5=0.01, valid_loss=0.02, train_loss=0.02)
 
 def test_bf16_tolerance_is_the_documented_one():
     for doc in (root/'README.md', root/'nbs'/'08_train.ipynb'):
-        assert 'within 2 points of accuracy and 5% of loss' in doc.read_text(), doc
+        assert 'within 1 point of accuracy and 2% of loss' in doc.read_text(), doc
 
 @pytest.mark.slow
 def test_bf16_resume_within_tolerance(tmp_path):
