@@ -2,7 +2,7 @@
 import copy, json, random, warnings, pytest, numpy as np, torch
 from torch import nn
 import bnet_fastai.precision as bp
-from bnet_fastai.precision import choose_precision, precision_cbs, cpu_bf16_native, cuda_bf16_native, time_precisions, PrecisionChoice, MARGIN
+from bnet_fastai.precision import choose_precision, precision_cbs, cpu_bf16_native, cuda_bf16_native, time_precisions, PrecisionChoice, MARGIN, bf16_conv_hazards
 from bnet_fastai.train import train
 from bnet_fastai.config import train_config
 from bnet_fastai.cli import main
@@ -317,7 +317,6 @@ def test_no_native_no_probe(monkeypatch, tmp_path):
 
 def test_bf16_conv_hazards_by_shape():
     "Exactly the convolutions that see one pixel along an axis they stride with a kernel wider than 1, whatever the dims."
-    from bnet_fastai.precision import bf16_conv_hazards
     net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1),   # 2×2 in: two pixels, fine
                         nn.Conv2d(4, 4, 3, stride=2, padding=1),   # 1×1 in, stride 2: the hazard
                         nn.Conv2d(4, 4, 3, stride=1, padding=1),   # 1×1 in, stride 1: fine
@@ -337,7 +336,6 @@ def test_auto_avoids_and_bf16_refuses_a_hazard(monkeypatch, tmp_path, capsys):
     cfg = json.loads((out/'config.json').read_text())
     assert cfg['precision'] == 'fp32' and cfg['precision_why'].startswith("auto: fp32, as bf16 on the CPU would train this model wrongly: ")
     assert "PyTorch's CPU bf16 weight gradient is garbage" in cfg['precision_why']
-    from bnet_fastai.cli import main
     args = ['--dataset', 'digits', '--arch', 'mininet', '--size', '16', '--precision', 'bf16', '--out', str(tmp_path/'bf16')]
     with pytest.raises(SystemExit) as e: main(args)
     err = capsys.readouterr().err.strip().splitlines()
